@@ -1,0 +1,79 @@
+"""Embeddings of the Vchitect-2.0 transformer: per-frame patches with SD3's cropped 2D sin-cos
+table, and the 1D rotary embedding over the frame index used by the temporal branch."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
+from torch import nn
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify of every frame plus SD3's 2D sin-cos position embedding.
+
+    The table covers ``pos_embed_max_size``² patches, built for ``base_size = sample_size //
+    patch_size`` exactly as SD3 / Vchitect-2.0 do, and is centre-cropped to the frame's grid. It is
+    a persistent buffer (``pos_embed.pos_embed``) because the released checkpoints carry it.
+    """
+
+    def __init__(self, sample_size: int, patch_size: int, in_channels: int, embed_dim: int,
+                 pos_embed_max_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.pos_embed_max_size = pos_embed_max_size
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+        table = get_2d_sincos_pos_embed(embed_dim, pos_embed_max_size, base_size=sample_size // patch_size,
+                                        interpolation_scale=1.0, output_type="pt")
+        self.register_buffer("pos_embed", table.float().unsqueeze(0), persistent=True)  # 1×(M·M)×D
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid of a H×W latent, with the errors users hit when a shape does not fit."""
+        p, m = self.patch_size, self.pos_embed_max_size
+        if height % p or width % p:
+            raise ValueError(f"latent height and width must be divisible by patch_size={p}; got {height}×{width}")
+        gh, gw = height // p, width // p
+        if gh > m or gw > m:
+            raise ValueError(
+                f"a {height}×{width} latent is a {gh}×{gw} patch grid, larger than the "
+                f"{m}×{m} position table; raise model.pos_embed_max_size (new rows are then "
+                f"untrained for imported weights) or use a smaller resolution")
+        return gh, gw
+
+    def cropped_table(self, gh: int, gw: int) -> torch.Tensor:
+        m = self.pos_embed_max_size
+        top, left = (m - gh) // 2, (m - gw) // 2
+        table = self.pos_embed.reshape(1, m, m, -1)[:, top:top + gh, left:left + gw, :]
+        return table.reshape(1, gh * gw, -1)  # 1×S×D
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        # frames: N×C×H×W (N = batch·frames) → N×S×D, S = (H/p)·(W/p)
+        gh, gw = self.grid(*frames.shape[-2:])
+        x = self.proj(frames).flatten(2).transpose(1, 2)
+        return (x + self.cropped_table(gh, gw)).to(x.dtype)
+
+
+def rope_cos_sin(num_positions: int, head_dim: int, theta: float, scaling_factor: float,
+                 device=None, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (T×head_dim/2, fp32) of the 1D rotary embedding over frame positions.
+
+    Frequencies are ``theta^(-2i/head_dim)`` and positions are divided by ``scaling_factor``, as in
+    Vchitect-2.0 (theta = 1e6 there).
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    pos = torch.arange(offset, offset + num_positions, device=device, dtype=torch.float32) / scaling_factor
+    angles = torch.outer(pos, freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of ``x`` (…×T×H×d) by the angle of position T.
+
+    Computed in fp32 and cast back, like the released model's complex-number form.
+    """
+    dtype = x.dtype
+    xf = x.float().unflatten(-1, (-1, 2))  # …×T×H×d/2×2
+    even, odd = xf[..., 0], xf[..., 1]
+    c = cos[:, None, :]  # T×1×d/2, broadcast over heads
+    s = sin[:, None, :]
+    out = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1)
+    return out.flatten(-2).to(dtype)
