@@ -158,8 +158,8 @@ def from_dict(schema, data: dict, prefix: str = ""):
     for key in data:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {prefix}{key!r}{hint} Allowed keys under "
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint} Allowed keys under "
                               f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
