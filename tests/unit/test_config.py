@@ -1,0 +1,60 @@
+"""Config loading: YAML + include + dotted overrides, and errors that name key, value and what is allowed."""
+
+import pytest
+
+from vchitect.config import Config, ConfigError, describe, load_config, to_yaml
+
+
+def test_yaml_and_overrides(tmp_path):
+    cfg = load_config("configs/model/tiny.yaml", ["model.num_layers=4", "model.spatial_scale=1.0"])
+    assert cfg.model.num_layers == 4 and cfg.model.spatial_scale == 1.0 and cfg.model.in_channels == 4
+
+
+def test_include_merges_in_order(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  num_layers: 3\n  num_attention_heads: 2\n")
+    (tmp_path / "child.yaml").write_text("include: base.yaml\nmodel:\n  num_layers: 5\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.model.num_layers, cfg.model.num_attention_heads) == (5, 2)
+
+
+def test_8b_preset_inherits_from_2b():
+    cfg = load_config("configs/model/vchitect-8b.yaml")
+    assert cfg.model.num_attention_heads == 40 and cfg.model.joint_attention_dim == 4096
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("model.num_layerz=4", r"unknown key 'model.num_layerz'; did you mean 'model.num_layers'"),
+    ("modle.num_layers=4", r"unknown key 'modle'"),
+    ("model.num_layers=four", r"model.num_layers='four': expected an integer"),
+    ("model.num_layers=true", r"model.num_layers=True: expected an integer"),
+    ("model.num_layers=0", r"model.num_layers=0 is out of range; it must be >= 1"),
+    ("model.qk_norm=layer", r"model.qk_norm='layer' is not allowed; choose one of 'none', 'rms_norm'"),
+    ("model.spatial_scale=abc", r"model.spatial_scale='abc': expected a number"),
+    ("model.num_layers", r"not of the form section.key=value"),
+])
+def test_errors_name_key_value_and_allowed(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("configs/model/tiny.yaml", [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "a.yaml").write_text("include: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("include: a.yaml\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config("configs/model/demo.yaml")
+    (tmp_path / "out.yaml").write_text(to_yaml(cfg))
+    assert load_config(tmp_path / "out.yaml") == cfg
+
+
+def test_every_field_is_documented():
+    for key, _type, _default, help_text in describe(Config):
+        assert help_text.strip(), f"{key} has no help text"

@@ -1,0 +1,119 @@
+"""`vchitect` command line: one entry point, one small function per subcommand.
+
+    vchitect config show CONFIG [key=value …]     print the resolved config
+    vchitect model-info CONFIG --frames F --height H --width W [key=value …]
+                                                  parameter count and step FLOPs
+    vchitect demo                                 forward + backward smoke run of the demo model
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from .config import ConfigError, load_config, to_yaml
+
+console = Console()
+
+
+def cmd_config_show(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    console.print(to_yaml(cfg), end="", markup=False, highlight=False)
+    return 0
+
+
+def cmd_model_info(args) -> int:
+    from .models.flops import count_parameters, model_flops
+
+    cfg = load_config(args.config, args.overrides)
+    m = cfg.model
+    if args.height % args.vae_downsample or args.width % args.vae_downsample:
+        raise ConfigError(f"--height {args.height} / --width {args.width} must be divisible by "
+                          f"--vae-downsample {args.vae_downsample}")
+    lh, lw = args.height // args.vae_downsample, args.width // args.vae_downsample
+    lf = (args.frames - 1) // args.vae_temporal + 1 if args.vae_temporal > 1 else args.frames
+    if lh % m.patch_size or lw % m.patch_size:
+        raise ConfigError(f"latent {lh}×{lw} is not divisible by model.patch_size={m.patch_size}")
+    if max(lh, lw) // m.patch_size > m.pos_embed_max_size:
+        raise ConfigError(f"a {lh}×{lw} latent exceeds model.pos_embed_max_size={m.pos_embed_max_size} patches")
+    params = count_parameters(m)
+    fc = model_flops(m, args.batch, lf, lh, lw, args.text_len)
+    tokens = args.batch * lf * (lh // m.patch_size) * (lw // m.patch_size)
+
+    table = Table(title=f"{args.config}", show_header=False)
+    table.add_row("parameters", f"{params:,}")
+    table.add_row("width × layers × heads", f"{m.num_attention_heads * m.attention_head_dim} × {m.num_layers} × "
+                  f"{m.num_attention_heads} (head dim {m.attention_head_dim})")
+    table.add_row("input (pixels)", f"{args.batch} × {args.frames} frames × {args.height} × {args.width}")
+    table.add_row("latent", f"{m.in_channels} × {lf} × {lh} × {lw} (VAE ÷{args.vae_downsample} spatial, "
+                  f"÷{args.vae_temporal} temporal)")
+    table.add_row("video tokens", f"{tokens:,} (+ {args.text_len} text tokens per frame)")
+    table.add_row("forward FLOPs", f"{fc.forward_total:.4e}")
+    table.add_row("train-step FLOPs (fwd+bwd)", f"{fc.train_step:.4e}")
+    console.print(table)
+    breakdown = Table(title="forward FLOPs by component")
+    breakdown.add_column("component")
+    breakdown.add_column("FLOPs", justify="right")
+    breakdown.add_column("share", justify="right")
+    for name, value in sorted(fc.forward.items(), key=lambda kv: -kv[1]):
+        breakdown.add_row(name, f"{value:.3e}", f"{100 * value / fc.forward_total:.1f}%")
+    console.print(breakdown)
+    # Plain lines for scripts.
+    print(f"parameters: {params}")
+    print(f"train_step_flops: {fc.train_step:.6e}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .smoke import run_smoke
+
+    return run_smoke(args.config, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vchitect", description="Pretrain video diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_config = sub.add_parser("config", help="inspect configs")
+    config_sub = p_config.add_subparsers(dest="config_command", required=True)
+    p_show = config_sub.add_parser("show", help="print the resolved config (file + overrides)")
+    p_show.add_argument("config", help="YAML config file")
+    p_show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
+    p_show.set_defaults(func=cmd_config_show)
+
+    p_info = sub.add_parser("model-info", help="parameter count and FLOPs of one training step")
+    p_info.add_argument("config", help="YAML config with a model section (e.g. configs/model/vchitect-2b.yaml)")
+    p_info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
+    p_info.add_argument("--frames", type=int, required=True, help="video frames")
+    p_info.add_argument("--height", type=int, required=True, help="video height in pixels")
+    p_info.add_argument("--width", type=int, required=True, help="video width in pixels")
+    p_info.add_argument("--batch", type=int, default=1, help="videos per step (default 1)")
+    p_info.add_argument("--text-len", type=int, default=333,
+                        help="text tokens (default 333 = 77 CLIP + 256 T5, as in Vchitect-2.0)")
+    p_info.add_argument("--vae-downsample", type=int, default=8,
+                        help="spatial VAE compression (default 8; 1 for pixel-space models)")
+    p_info.add_argument("--vae-temporal", type=int, default=1,
+                        help="temporal VAE compression (default 1: Vchitect-2.0 encodes frames one by one)")
+    p_info.set_defaults(func=cmd_model_info)
+
+    p_demo = sub.add_parser("demo", help="run the demo (currently: forward + backward of the demo model)")
+    p_demo.add_argument("--config", default=None, help="model config (default: configs/model/demo.yaml)")
+    p_demo.add_argument("overrides", nargs="*", help="dotted overrides")
+    p_demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ConfigError as exc:
+        console.print(f"[bold red]config error:[/] {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
