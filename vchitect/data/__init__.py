@@ -1,0 +1,10 @@
+"""Training-side data: a streaming, resumable WebDataset loader (local disk or S3), buckets,
+joint image-video batches, and the on-device encode step. See docs/data.md."""
+
+from .config import BucketConfig, DataConfig, EncoderConfig, S3Config, SourceConfig, TextShapeConfig
+from .encode import encode_batch, vae_encode_split
+from .loader import ShardLoader, build_loader
+from .synthetic import SyntheticLoader
+
+__all__ = ["BucketConfig", "DataConfig", "EncoderConfig", "S3Config", "SourceConfig", "TextShapeConfig",
+           "ShardLoader", "SyntheticLoader", "build_loader", "encode_batch", "vae_encode_split"]

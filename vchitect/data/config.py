@@ -1,0 +1,147 @@
+"""Configuration of the training data: where shards are, how samples become batches.
+
+Attached to the run config as ``Config.data``; every field documents itself (``vchitect.config.describe``).
+Credentials: prefer the standard AWS environment variables (``AWS_ACCESS_KEY_ID`` …) or a profile;
+the ``s3.key`` / ``s3.secret`` fields exist for local test servers and are never printed or logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from vchitect.config import ConfigError, setting
+
+
+@dataclass
+class SourceConfig:
+    """One set of shards and its share of the mixed stream."""
+
+    uri: str = setting(help="a local directory of *.tar shards, a brace/glob pattern "
+                       "(`data/shard-{000000..000099}.tar`, `data/*.tar`), or `s3://bucket/prefix`")
+    weight: float = setting(1.0, min=0.0, help="mixing weight; sources are drawn per sample with "
+                            "probability weight / sum(weights)")
+
+
+@dataclass
+class BucketConfig:
+    """A target shape in pixels; every sample of a batch shares one bucket."""
+
+    height: int = setting(help="pixel height", min=8)
+    width: int = setting(help="pixel width", min=8)
+    frames: int = setting(help="frames; 1 = image bucket", min=1)
+
+
+@dataclass
+class S3Config:
+    """How to reach `s3://` sources. Unset fields fall back to the standard AWS environment / profile."""
+
+    endpoint_url: Optional[str] = setting(None, help="S3-compatible endpoint (MinIO, Ceph, a local "
+                                          "test server); null = AWS")
+    region: Optional[str] = setting(None, help="region name; null = AWS_DEFAULT_REGION / profile")
+    profile: Optional[str] = setting(None, help="AWS profile name from ~/.aws/credentials")
+    key: Optional[str] = setting(None, help="access key id; prefer AWS_ACCESS_KEY_ID. Never logged")
+    secret: Optional[str] = setting(None, help="secret access key; prefer AWS_SECRET_ACCESS_KEY. "
+                                    "Never logged")
+
+    def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
+        return (f"S3Config(endpoint_url={'<set>' if self.endpoint_url else None}, "
+                f"region={'<set>' if self.region else None}, profile={'<set>' if self.profile else None}, "
+                f"key={'<set>' if self.key else None}, secret={'<set>' if self.secret else None})")
+
+    def storage_options(self) -> dict:
+        """Keyword arguments for ``s3fs.S3FileSystem``."""
+        opts: dict = {}
+        if self.key or self.secret:
+            opts.update(key=self.key, secret=self.secret)
+        if self.profile:
+            opts["profile"] = self.profile
+        client = {}
+        if self.endpoint_url:
+            client["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client["region_name"] = self.region
+        if client:
+            opts["client_kwargs"] = client
+        return opts
+
+
+@dataclass
+class TextShapeConfig:
+    """Shapes of the text conditioning; used by the synthetic source and to validate precomputed text."""
+
+    max_length: int = setting(77, min=1, help="L: text tokens per sample (text.npy is L×D)")
+    dim: int = setting(4096, min=1, help="D: width of the encoder hidden states (joint_attention_dim)")
+    pooled_dim: int = setting(2048, min=1, help="P: width of the pooled embedding")
+
+
+@dataclass
+class EncoderConfig:
+    """VAE and text encoder for decode mode, loaded from local folders only (no downloads)."""
+
+    vae_path: Optional[str] = setting(None, help="diffusers VAE folder (config.json + weights); "
+                                      "required in decode mode")
+    text_encoder_path: Optional[str] = setting(None, help="transformers text-encoder folder with its "
+                                               "tokenizer; required in decode mode")
+    text_encoder_kind: str = setting("t5", choices=["t5", "clip", "sentence"],
+                                     help="t5: T5EncoderModel, pooled = masked mean; clip: "
+                                     "CLIPTextModelWithProjection, pooled = text_embeds; sentence: a "
+                                     "sentence-transformer (e.g. MiniLM) AutoModel, pooled = masked mean")
+    pooled_encoder_path: Optional[str] = setting(None, help="optional CLIP folder whose text_embeds "
+                                                 "replace the pooled output (SD3-style)")
+    dtype: str = setting("bfloat16", choices=["float32", "bfloat16", "float16"],
+                         help="dtype of the encoders on the training device")
+    sample_posterior: bool = setting(False, help="sample the VAE posterior instead of taking its mode")
+
+
+@dataclass
+class DataConfig:
+    """The training data stream."""
+
+    source: str = setting("shards", choices=["shards", "synthetic"],
+                          help="shards: WebDataset tars from `sources`; synthetic: random latents and "
+                          "text of the configured shapes (benchmarks, smoke tests)")
+    sources: list[SourceConfig] = setting(default_factory=list, help="shard sets and mixing weights")
+    mode: str = setting("auto", choices=["decode", "precomputed", "auto"],
+                        help="decode: mp4/txt → pixels, encoded on the device; precomputed: latent.npy/"
+                        "text.npy read directly; auto: precomputed when the sample has latent.npy")
+    buckets: list[BucketConfig] = setting(
+        default_factory=lambda: [BucketConfig(256, 256, 17), BucketConfig(256, 256, 1)],
+        help="(height, width, frames) targets; chosen per sample by aspect ratio and duration")
+    fps: float = setting(8.0, min=0.1, help="frames are sampled at this rate from each clip")
+    image_ratio: float = setting(0.0, min=0.0, max=1.0,
+                                 help="share of video samples turned into single-frame image samples "
+                                 "(joint image-video training); image shards are always images")
+    token_budget: int = setting(16384, min=1, help="latent patch tokens per batch; a bucket's batch "
+                                "size is token_budget // tokens(bucket), at least 1")
+    max_batch_size: int = setting(64, min=1, help="upper bound on any bucket's batch size")
+    latent_channels: int = setting(16, min=1, help="C of the VAE latents")
+    vae_spatial_factor: int = setting(8, min=1, help="VAE downsampling in height and width")
+    vae_temporal_factor: int = setting(4, min=1, help="VAE downsampling in time: latent frames = "
+                                       "1 + (frames - 1) // factor (1 for an image VAE applied per frame)")
+    patch_size: int = setting(2, min=1, help="transformer patch size; tokens = F' × H'/p × W'/p")
+    text: TextShapeConfig = setting(default_factory=TextShapeConfig, help="text shapes")
+    encoders: EncoderConfig = setting(default_factory=EncoderConfig, help="decode-mode encoders")
+    s3: S3Config = setting(default_factory=S3Config, help="S3 access for s3:// sources")
+    seed: int = setting(0, min=0, help="seed of shard order, frame sampling and source mixing")
+    num_workers: int = setting(4, min=0, help="loader worker processes per rank (0 = in-process)")
+    prefetch_factor: int = setting(2, min=1, help="batches prefetched per worker")
+    decode_threads: int = setting(1, min=0, help="FFmpeg threads per decode (0 = FFmpeg's choice)")
+    shard_retries: int = setting(3, min=0, help="re-tries of a shard that cannot be opened or read")
+    retry_backoff: float = setting(1.0, min=0.0, help="seconds before the first retry; doubles each time")
+
+    def validate(self) -> None:
+        if self.source == "shards" and not self.sources:
+            raise ConfigError("data.sources is empty; add at least one `{uri: ...}` (a local folder, "
+                              "a glob, or s3://bucket/prefix), or set data.source=synthetic")
+        if self.sources and sum(s.weight for s in self.sources) <= 0:
+            raise ConfigError("data.sources: the weights sum to 0; give at least one source a weight > 0")
+        if not self.buckets:
+            raise ConfigError("data.buckets is empty; add at least one {height, width, frames}")
+        for i, b in enumerate(self.buckets):
+            f = self.vae_spatial_factor * self.patch_size
+            if b.height % f or b.width % f:
+                raise ConfigError(f"data.buckets[{i}]: {b.height}x{b.width} is not divisible by "
+                                  f"vae_spatial_factor × patch_size = {f}; round it to a multiple of {f}")
+        if self.image_ratio > 0 and not any(b.frames == 1 for b in self.buckets):
+            raise ConfigError("data.image_ratio > 0 needs an image bucket; add one with frames: 1")

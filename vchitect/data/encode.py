@@ -1,0 +1,57 @@
+"""The on-device step of decode mode: pixels → VAE latents (split across the SP group), captions →
+text embeddings. Precomputed batches pass through unchanged apart from the device move.
+
+    batch = encode_batch(batch, vae, text_encoder, device, sp_group=mesh["sp"].get_group())
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 → float in [-1, 1] (the VAE's input range)."""
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
+def vae_encode_split(encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
+                     group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """``encode`` a B×3×F×H×W batch with the work split across the ranks of ``group``.
+
+    The ranks of an SP group hold the same batch. Rank r encodes samples [r·k, (r+1)·k) with
+    k = ceil(B / world); the pieces are all-gathered so every rank returns the full B×C×F'×H'×W'.
+    When B is not a multiple of the group size the last sample is repeated to fill the pieces.
+    """
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return encode(pixels)
+    world, rank, B = dist.get_world_size(group), dist.get_rank(group), pixels.shape[0]
+    k = math.ceil(B / world)
+    idx = torch.arange(rank * k, (rank + 1) * k).clamp_(max=B - 1)
+    local = encode(pixels[idx.to(pixels.device)]).contiguous()  # k×C×F'×H'×W'
+    pieces = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(pieces, local, group=group)
+    return torch.cat(pieces)[:B]
+
+
+def encode_batch(batch: dict, vae=None, text_encoder=None, device: str | torch.device = "cpu",
+                 sp_group: Optional[dist.ProcessGroup] = None) -> dict:
+    """Make ``latents``, ``text``, ``text_mask``, ``pooled`` present and on ``device``."""
+    batch = dict(batch)
+    if "pixels" in batch:
+        if vae is None:
+            raise ValueError("this batch holds pixels (decode mode) but no VAE was given; set "
+                             "data.encoders.vae_path or use precomputed latents")
+        x = pixels_to_unit(batch.pop("pixels").to(device, non_blocking=True))
+        batch["latents"] = vae_encode_split(vae.encode, x, sp_group)
+    if "text" not in batch:
+        if text_encoder is None:
+            raise ValueError("this batch has captions but no text embeddings, and no text encoder was "
+                             "given; set data.encoders.text_encoder_path")
+        batch["text"], batch["text_mask"], batch["pooled"] = text_encoder.encode(batch["captions"])
+    for k in ("latents", "text", "text_mask", "pooled"):
+        batch[k] = batch[k].to(device, non_blocking=True)
+    return batch

@@ -1,0 +1,138 @@
+"""Turn one raw shard sample (``{ext: bytes}``) into a training sample, or raise :class:`BadSample`.
+
+Decode mode: ``mp4`` (or ``jpg``/``png``/``webp``) + ``txt`` → uint8 pixels 3×F×H×W of a bucket.
+Precomputed mode: ``latent.npy`` (C×F'×H'×W'), ``text.npy`` (L×D), ``text_mask.npy`` (L), optional
+``pooled.npy`` (P) + ``txt`` → float tensors. Auto mode picks per sample (latent.npy present or not).
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass, field
+import numpy as np
+
+from .buckets import Bucket, choose_bucket, latent_shape
+from .config import DataConfig
+from .decode import BadSample, decode_image, decode_video
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class Sample:
+    key: str
+    caption: str
+    bucket: Bucket
+    kind: str  # "pixels" | "latents"
+    arrays: dict = field(default_factory=dict)  # pixels | latents, text, text_mask, pooled
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """Per-sample randomness (image pick, frame offset): the same for the same seed, epoch and key."""
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+
+
+def _caption(members: dict) -> str:
+    if "txt" not in members:
+        raise BadSample("missing_member", "no txt")
+    raw = members["txt"]
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        raise BadSample("bad_caption", "txt is not UTF-8 text") from None
+    text = text.strip()
+    if not text or "\x00" in text:
+        raise BadSample("bad_caption", "txt is empty or binary")
+    return text
+
+
+def _npy(members: dict, name: str) -> np.ndarray:
+    if name not in members:
+        raise BadSample("missing_member", f"no {name}")
+    try:
+        return np.load(io.BytesIO(members[name]), allow_pickle=False)
+    except Exception as exc:
+        raise BadSample("bad_latent" if name == "latent.npy" else "bad_text",
+                        f"{name} unreadable: {type(exc).__name__}") from None
+
+
+class SampleDecoder:
+    """Config-bound processing of raw samples; picklable, used inside loader workers."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.buckets = [Bucket(b.height, b.width, b.frames) for b in cfg.buckets]
+        self.latent_buckets = {latent_shape(b, cfg.latent_channels, cfg.vae_spatial_factor,
+                                            cfg.vae_temporal_factor): b for b in reversed(self.buckets)}
+
+    def __call__(self, key: str, members: dict, epoch: int) -> Sample:
+        rng = sample_rng(self.cfg.seed, epoch, key)
+        as_image = bool(rng.random() < self.cfg.image_ratio)
+        caption = _caption(members)
+        mode = self.cfg.mode
+        if mode == "auto":
+            mode = "precomputed" if "latent.npy" in members else "decode"
+        if mode == "precomputed":
+            return self._precomputed(key, caption, members, as_image)
+        return self._decode(key, caption, members, as_image, rng)
+
+    def _decode(self, key, caption, members, as_image, rng) -> Sample:
+        cfg = self.cfg
+        img = next((e for e in IMAGE_EXTS if e in members), None)
+        if img is not None and "mp4" not in members:
+            pixels, bucket = decode_image(members[img], lambda i: choose_bucket(
+                self.buckets, i.width, i.height, None, cfg.fps, image=True))
+        elif "mp4" in members:
+            pixels, bucket = decode_video(members["mp4"], lambda i: choose_bucket(
+                self.buckets, i.width, i.height, i.span, cfg.fps, image=as_image),
+                cfg.fps, rng, cfg.decode_threads)
+        else:
+            raise BadSample("missing_member", "no mp4 or image")
+        return Sample(key, caption, bucket, "pixels", {"pixels": pixels})
+
+    def _precomputed(self, key, caption, members, as_image) -> Sample:
+        cfg = self.cfg
+        lat = _npy(members, "latent.npy")
+        if lat.ndim != 4 or tuple(lat.shape) not in self.latent_buckets or lat.dtype.kind != "f":
+            raise BadSample("bad_latent", f"latent.npy {lat.dtype}{tuple(lat.shape)} matches no bucket "
+                            f"(C={cfg.latent_channels}, F'×H'×W' of {[b.name for b in self.buckets]})")
+        bucket = self.latent_buckets[tuple(lat.shape)]
+        if as_image and not bucket.is_image:  # first latent frame of a causal / per-frame VAE = image
+            img = self.latent_buckets.get((lat.shape[0], 1) + tuple(lat.shape[2:]))
+            if img is not None:
+                lat, bucket = lat[:, :1], img
+        text = _npy(members, "text.npy")
+        mask = _npy(members, "text_mask.npy")
+        L, D = cfg.text.max_length, cfg.text.dim
+        if text.ndim != 2 or text.shape[1] != D or mask.shape != (text.shape[0],):
+            raise BadSample("bad_text", f"text.npy {tuple(text.shape)} / text_mask.npy {tuple(mask.shape)}"
+                            f" is not L×{D} / L")
+        text, mask = text[:L].astype(np.float32), mask[:L].astype(bool)
+        if text.shape[0] < L:  # pad to L tokens, masked out
+            text = np.concatenate([text, np.zeros((L - text.shape[0], D), np.float32)])
+            mask = np.concatenate([mask, np.zeros(L - mask.shape[0], bool)])
+        if "pooled.npy" in members:
+            pooled = _npy(members, "pooled.npy").astype(np.float32).reshape(-1)
+        elif cfg.text.pooled_dim == D:  # no pooled member: masked mean of the hidden states
+            pooled = (text * mask[:, None]).sum(0) / max(1, mask.sum())
+        else:
+            raise BadSample("missing_member", f"no pooled.npy (P={cfg.text.pooled_dim} != D={D})")
+        if pooled.shape != (cfg.text.pooled_dim,):
+            raise BadSample("bad_text", f"pooled.npy {tuple(pooled.shape)} is not ({cfg.text.pooled_dim},)")
+        return Sample(key, caption, bucket, "latents", {
+            "latents": np.ascontiguousarray(lat, dtype=np.float32), "text": text, "text_mask": mask,
+            "pooled": pooled.astype(np.float32)})
+
+
+def collate(samples: list[Sample]) -> dict:
+    """Samples of one (kind, bucket) → the batch dict the trainer consumes."""
+    import torch
+
+    b = samples[0].bucket
+    batch = {"captions": [s.caption for s in samples], "keys": [s.key for s in samples],
+             "bucket": (b.height, b.width, b.frames)}
+    for name in samples[0].arrays:
+        batch[name] = torch.from_numpy(np.stack([s.arrays[name] for s in samples]))
+    return batch
+

@@ -1,0 +1,144 @@
+"""Text encoder and VAE wrappers, loaded from local folders only (no downloads).
+
+One text interface for every encoder: ``encode(prompts) -> (hidden B×L×D, mask B×L bool, pooled B×P)``
+  - ``t5``       T5EncoderModel; pooled = masked mean of the hidden states
+  - ``clip``     CLIPTextModelWithProjection; pooled = text_embeds
+  - ``sentence`` a sentence-transformer checkpoint (e.g. MiniLM) through AutoModel; pooled = the
+                 L2-normalised masked mean, as sentence-transformers computes it
+An optional second (CLIP) folder can supply the pooled vector instead, SD3-style.
+
+One VAE interface: ``encode(pixels B×3×F×H×W in [-1, 1]) -> latents B×C×F'×H'×W'``, already shifted
+and scaled for the diffusion model. Image VAEs (``AutoencoderKL``) run per frame (F' = F); video VAEs
+(``AutoencoderKLWan``, ``AutoencoderKLHunyuanVideo``, ``AutoencoderKLCogVideoX`` …) run on the clip.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _folder(path: str | Path, sub: str) -> Path:
+    """``path`` itself, or its ``sub`` folder when ``path`` is a whole diffusers pipeline folder."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p} is not a folder; point the config at a local {sub} folder "
+                                f"(weights are never downloaded)")
+    if not (p / "config.json").is_file() and (p / sub / "config.json").is_file():
+        return p / sub
+    return p
+
+
+def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # B×L×D, B×L → B×D
+    m = mask.to(hidden.dtype)[..., None]
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer, kind: str, max_length: int,
+                 pooled_model: Optional[nn.Module] = None, pooled_tokenizer=None):
+        super().__init__()
+        self.model, self.tokenizer, self.kind, self.max_length = model, tokenizer, kind, max_length
+        self.pooled_model, self.pooled_tokenizer = pooled_model, pooled_tokenizer
+
+    def _tokens(self, tokenizer, prompts: list[str], max_length: int):
+        t = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                      return_tensors="pt")
+        device = next(self.model.parameters()).device
+        return t["input_ids"].to(device), t["attention_mask"].to(device)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, mask = self._tokens(self.tokenizer, prompts, self.max_length)
+        out = self.model(input_ids=ids, attention_mask=mask)
+        hidden = out.last_hidden_state  # B×L×D
+        if self.kind == "clip":
+            pooled = out.text_embeds  # B×P
+        else:
+            pooled = _masked_mean(hidden, mask)
+            if self.kind == "sentence":
+                pooled = nn.functional.normalize(pooled, dim=-1)
+        if self.pooled_model is not None:
+            max_len = getattr(self.pooled_tokenizer, "model_max_length", 77)
+            pids, pmask = self._tokens(self.pooled_tokenizer, prompts, min(max_len, 77))
+            pooled = self.pooled_model(input_ids=pids, attention_mask=pmask).text_embeds
+        return hidden, mask.bool(), pooled
+
+
+def load_text_encoder(path: str | Path, kind: str = "t5", max_length: int = 77,
+                      device: str | torch.device = "cpu", dtype: str = "float32",
+                      pooled_path: Optional[str | Path] = None) -> TextEncoder:
+    """A :class:`TextEncoder` from a local transformers folder holding the model and its tokenizer."""
+    import transformers
+
+    classes = {"t5": "T5EncoderModel", "clip": "CLIPTextModelWithProjection", "sentence": "AutoModel"}
+    if kind not in classes:
+        raise ValueError(f"text encoder kind {kind!r} is not one of {', '.join(classes)}")
+    p = _folder(path, "text_encoder")
+    tok_dir = p if any((p / n).exists() for n in ("tokenizer.json", "tokenizer_config.json",
+                                                  "spiece.model")) else _folder(path, "tokenizer")
+    cls = getattr(transformers, classes[kind])
+    model = cls.from_pretrained(p, torch_dtype=DTYPES[dtype]).to(device).eval().requires_grad_(False)
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    pooled_model = pooled_tok = None
+    if pooled_path is not None:
+        pp = _folder(pooled_path, "text_encoder")
+        pooled_model = transformers.CLIPTextModelWithProjection.from_pretrained(
+            pp, torch_dtype=DTYPES[dtype]).to(device).eval().requires_grad_(False)
+        pooled_tok = transformers.AutoTokenizer.from_pretrained(pp)
+    return TextEncoder(model, tok, kind, max_length, pooled_model, pooled_tok)
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, vae: nn.Module, sample_posterior: bool = False, frame_chunk: int = 16):
+        super().__init__()
+        self.vae, self.sample_posterior, self.frame_chunk = vae, sample_posterior, frame_chunk
+        cfg = vae.config
+        self.is_video = cfg.get("temporal_compression_ratio") is not None or \
+            type(vae).__name__ not in ("AutoencoderKL", "AsymmetricAutoencoderKL", "AutoencoderTiny")
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        self.stats = (torch.tensor(mean), torch.tensor(std)) if mean is not None and std is not None \
+            else None
+        self.scaling = float(cfg.get("scaling_factor", 1.0) or 1.0)
+        self.shift = float(cfg.get("shift_factor", 0.0) or 0.0)
+
+    def _latent(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        dist = self.vae.encode(x).latent_dist
+        return dist.sample(generator) if self.sample_posterior else dist.mode()
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        B, _, F, H, W = pixels.shape  # B×3×F×H×W in [-1, 1]
+        x = pixels.to(self.vae.dtype)
+        if self.is_video:
+            z = self._latent(x, generator)  # B×C×F'×H'×W'
+        else:
+            frames = x.permute(0, 2, 1, 3, 4).reshape(B * F, 3, H, W)
+            z = torch.cat([self._latent(c, generator) for c in frames.split(self.frame_chunk)])
+            z = z.reshape(B, F, *z.shape[1:]).permute(0, 2, 1, 3, 4)  # B×C×F×H'×W'
+        z = z.float()
+        if self.stats is not None:
+            mean, std = (s.to(z.device).view(1, -1, 1, 1, 1) for s in self.stats)
+            return (z - mean) / std
+        return (z - self.shift) * self.scaling
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32",
+             sample_posterior: bool = False) -> VAEEncoder:
+    """A :class:`VAEEncoder` from a local diffusers VAE folder (the class is read from config.json)."""
+    import diffusers
+
+    p = _folder(path, "vae")
+    name = json.loads((p / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"{p}/config.json names VAE class {name!r}, which this diffusers "
+                         f"({diffusers.__version__}) does not have; upgrade diffusers")
+    vae = cls.from_pretrained(p, torch_dtype=DTYPES[dtype]).to(device).eval().requires_grad_(False)
+    return VAEEncoder(vae, sample_posterior)
