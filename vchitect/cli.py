@@ -1,6 +1,7 @@
 """`vchitect` command line: one entry point, one small function per subcommand.
 
     vchitect config show CONFIG [key=value …]     print the resolved config
+    vchitect config describe                      every key, its type, default and meaning
     vchitect model-info CONFIG --frames F --height H --width W [key=value …]
                                                   parameter count and step FLOPs
     vchitect demo                                 forward + backward smoke run of the demo model
@@ -22,6 +23,16 @@ console = Console()
 def cmd_config_show(args) -> int:
     cfg = load_config(args.config, args.overrides)
     console.print(to_yaml(cfg), end="", markup=False, highlight=False)
+    return 0
+
+
+def cmd_config_describe(args) -> int:
+    from .config import Config, describe
+
+    print("| key | type | default | meaning |")
+    print("|---|---|---|---|")
+    for key, tp, default, help_text in describe(Config):
+        print(f"| `{key}` | {tp} | `{default}` | {help_text.replace('|', '/')} |")
     return 0
 
 
@@ -83,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_show.add_argument("config", help="YAML config file")
     p_show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
     p_show.set_defaults(func=cmd_config_show)
+
+    p_desc = config_sub.add_parser("describe", help="print every config key with type, default and meaning (Markdown)")
+    p_desc.set_defaults(func=cmd_config_describe)
 
     p_info = sub.add_parser("model-info", help="parameter count and FLOPs of one training step")
     p_info.add_argument("config", help="YAML config with a model section (e.g. configs/model/vchitect-2b.yaml)")
