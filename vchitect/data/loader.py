@@ -24,6 +24,10 @@ log = logging.getLogger("vchitect.data")
 STATE_VERSION = 1
 
 
+def _as_is(batch: dict) -> dict:  # batches are collated in the worker; keep tuples as tuples
+    return batch
+
+
 class _Streams(IterableDataset):
     """Runs one :class:`WorkerStream` per loader worker; worker ids are rotated on resume so the
     round-robin order of the DataLoader picks up with the stream that was due next."""
@@ -64,7 +68,7 @@ class ShardLoader:
         ds = _Streams(self.cfg, self.shards, self.dp_rank, self.dp_size, self.workers,
                       dict(self._states), self._consumed % self.workers)
         nw = self.cfg.num_workers
-        dl = DataLoader(ds, batch_size=None, num_workers=nw,
+        dl = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_as_is,
                         prefetch_factor=self.cfg.prefetch_factor if nw else None,
                         multiprocessing_context="fork" if nw else None)
         self._t0 = self._t0 or time.perf_counter()
