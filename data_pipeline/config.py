@@ -1,0 +1,242 @@
+"""Typed configuration of a curation run (``vchitect-curate run CONFIG [section.key=value …]``).
+
+Loaded with the project's generic loader (:func:`vchitect.config.load_config`): unknown keys,
+wrong types and out-of-range values raise :class:`vchitect.config.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from vchitect.config import ConfigError, load_config, setting, to_dict
+
+__all__ = ["CurateConfig", "ConfigError", "load_curate_config", "config_fingerprint"]
+
+
+@dataclass
+class InputConfig:
+    """Where the raw videos come from."""
+
+    path: str = setting("", help="a local directory (searched recursively), an s3://bucket/prefix, "
+                        "or a manifest file (.csv, .jsonl, .parquet; local or s3://) with a `uri` "
+                        "column and optional `id`, `caption` and `segments` columns")
+    extensions: list[str] = setting(default_factory=lambda: [".mp4", ".mov", ".mkv", ".webm", ".avi"],
+                                    help="file suffixes picked up when listing a directory or prefix")
+    limit: int = setting(0, min=0, help="process only the first N inputs in sorted order (0 = all)")
+
+
+@dataclass
+class OutputConfig:
+    """Where the shards go."""
+
+    path: str = setting("", help="output folder, local or s3://bucket/prefix")
+    prefix: str = setting("shard", help="shard file prefix: {prefix}-{index:06d}.tar")
+    samples_per_shard: int = setting(1000, min=1, help="maximum samples in one shard")
+    max_shard_bytes: int = setting(1 << 30, min=1, help="a shard is closed before it would pass this size")
+
+
+@dataclass
+class StorageConfig:
+    """Object-store access (s3:// inputs or outputs)."""
+
+    endpoint_url: Optional[str] = setting(None, help="S3 endpoint (MinIO, Ceph, a test server); "
+                                          "null = AWS")
+    region: Optional[str] = setting(None, help="S3 region name; null = the client's default")
+    options: dict = setting(default_factory=dict, help="extra fsspec/s3fs storage options. Credentials "
+                            "normally come from the standard AWS chain (environment, ~/.aws); "
+                            "`key`/`secret` here are for tests and never written to outputs")
+
+
+@dataclass
+class RayConfig:
+    """How Ray is started and how much each stage may use."""
+
+    address: Optional[str] = setting(None, help="join an existing cluster (e.g. 'auto' or "
+                                     "'ray://head:10001'); null = start a local Ray")
+    num_cpus: int = setting(0, min=0, help="CPUs for a local Ray (0 = all of this machine's)")
+    video_task_cpus: float = setting(1.0, min=0.05, help="CPUs reserved by each probe/split/clip/filter task")
+    model_actor_cpus: float = setting(0.5, min=0.0, help="CPUs reserved by each model actor "
+                                      "(OCR/NSFW/aesthetic and captioner); kept fractional so a "
+                                      "small machine still has room for video tasks")
+    model_actors: int = setting(1, min=1, help="size of the model-filter actor pool")
+    caption_actors: int = setting(1, min=1, help="size of the captioner actor pool")
+    caption_gpus: float = setting(0.0, min=0.0, help="GPUs per captioner actor (0 = CPU)")
+    batch_size: int = setting(4, min=1, help="inputs per batch sent to a model actor")
+
+
+@dataclass
+class ProbeConfig:
+    """Container probe (PyAV, no frame decoding)."""
+
+    max_width: int = setting(8192, min=1, help="reject sources wider than this (from metadata)")
+    max_height: int = setting(8192, min=1, help="reject sources taller than this (from metadata)")
+    max_duration: float = setting(4 * 3600.0, min=0.0, help="reject sources longer than this (s)")
+
+
+@dataclass
+class SplitConfig:
+    """Shot-boundary detection."""
+
+    detector: str = setting("content", choices=["content", "adaptive", "transnetv2", "none"],
+                            help="PySceneDetect content/adaptive detector, TransNetV2 (needs the "
+                            "`transnetv2` package), or none (the whole video is one shot)")
+    threshold: float = setting(27.0, min=0.0, help="content detector threshold (mean HSV change)")
+    adaptive_threshold: float = setting(3.0, min=0.0, help="adaptive detector threshold")
+    min_scene_frames: int = setting(8, min=1, help="minimum frames between two cuts")
+    transnet_threshold: float = setting(0.5, min=0.0, max=1.0, help="TransNetV2 cut probability")
+    analysis_size: int = setting(256, min=32, help="long side (px) of the frames decoded for "
+                                 "detection and the cheap filters")
+
+
+@dataclass
+class ClipConfig:
+    """Cutting shots into clips and transcoding them."""
+
+    min_duration: float = setting(1.0, min=0.0, help="shots shorter than this (after margins) are dropped (s)")
+    max_duration: float = setting(10.0, min=0.1, help="longer shots are split into windows of at most this (s)")
+    margin: float = setting(0.1, min=0.0, help="trimmed at each cut (s)")
+    max_size: int = setting(1024, min=16, help="long side cap (px) of the transcoded clip")
+    fps: Optional[float] = setting(None, min=1.0, help="output fps; null = keep the source fps")
+    codec: str = setting("auto", choices=["auto", "libx264", "libopenh264"],
+                         help="H.264 encoder; auto = the first available in the PyAV build")
+    crf: int = setting(23, min=0, max=51, help="libx264 constant rate factor")
+    bitrate: int = setting(2_000_000, min=10_000, help="target bitrate for libopenh264 (bit/s)")
+    preset: str = setting("veryfast", help="libx264 preset")
+
+
+@dataclass
+class FilterConfig:
+    """Thresholds of every filter; a filter rejects a clip when its score is outside the range."""
+
+    min_duration: float = setting(1.0, min=0.0, help="rules: minimum clip duration (s)")
+    max_duration: float = setting(60.0, min=0.0, help="rules: maximum clip duration (s)")
+    min_width: int = setting(64, min=1, help="rules: minimum source width")
+    min_height: int = setting(64, min=1, help="rules: minimum source height")
+    min_fps: float = setting(8.0, min=0.0, help="rules: minimum fps")
+    max_fps: float = setting(120.0, min=0.0, help="rules: maximum fps")
+    min_aspect: float = setting(0.4, min=0.0, help="rules: minimum width/height")
+    max_aspect: float = setting(2.5, min=0.0, help="rules: maximum width/height")
+    blur: bool = setting(True, help="variance-of-Laplacian blur filter")
+    min_sharpness: float = setting(500.0, min=0.0, help="blur: minimum variance of the Laplacian "
+                                   "over edge pixels of contrast-stretched analysis-size frames")
+    motion: bool = setting(True, help="optical-flow motion filter (Farneback)")
+    min_motion: float = setting(0.01, min=0.0, help="motion: minimum mean flow magnitude "
+                                "(fraction of the frame's long side per second)")
+    max_motion: float = setting(3.0, min=0.0, help="motion: maximum mean flow magnitude (shake)")
+    motion_frames: int = setting(6, min=2, help="motion: frame pairs sampled per clip")
+    ocr: bool = setting(True, help="on-screen text filter (rapidocr-onnxruntime)")
+    max_text_area: float = setting(0.05, min=0.0, max=1.0, help="ocr: maximum fraction of the "
+                                   "frame covered by text boxes")
+    nsfw: bool = setting(True, help="NSFW filter (nudenet)")
+    max_nsfw: float = setting(0.6, min=0.0, max=1.0, help="nsfw: maximum detector confidence of an "
+                              "exposed class")
+    aesthetic_clip_path: Optional[str] = setting(None, help="aesthetic: local path of a CLIP model "
+                                                 "(transformers format); null = filter off")
+    aesthetic_head_path: Optional[str] = setting(None, help="aesthetic: local .safetensors/.pt/.npz "
+                                                 "linear or MLP head on the CLIP image embedding")
+    min_aesthetic: float = setting(4.5, help="aesthetic: minimum score")
+    frames_per_clip: int = setting(3, min=1, help="frames sampled per clip for OCR/NSFW/aesthetic/"
+                                   "caption/dedup")
+
+
+@dataclass
+class DedupConfig:
+    """Near-duplicate removal across the whole run."""
+
+    enabled: bool = setting(True, help="drop clips whose perceptual hashes match an earlier clip")
+    max_distance: int = setting(6, min=0, max=64, help="Hamming distance (of 64 bits) per sampled "
+                                "frame under which two clips are duplicates")
+
+
+@dataclass
+class CaptionConfig:
+    """Which caption a clip is trained with."""
+
+    mode: str = setting("source_or_vlm", choices=["source", "vlm", "source_or_vlm"],
+                        help="source: only source captions (clips without one are rejected); vlm: "
+                        "always the VLM; source_or_vlm: the source caption when present")
+    vlm_path: Optional[str] = setting(None, help="local path of a transformers image-text-to-text "
+                                      "model and its processor")
+    prompt: str = setting("Describe this video in one sentence.", help="instruction given to the VLM")
+    max_new_tokens: int = setting(48, min=1, help="VLM generation length")
+    dtype: str = setting("float32", choices=["float32", "bfloat16", "float16"], help="VLM weights dtype")
+    template: Optional[str] = setting(None, help="optional format string appended from metadata, e.g. "
+                                      "'{caption} Camera motion: {camera_motion}. Aesthetic {aesthetic:.1f}.'")
+
+
+@dataclass
+class LatentsConfig:
+    """Optional latent precomputation (GPU actors)."""
+
+    enabled: bool = setting(False, help="write latent.npy / text.npy / text_mask.npy per sample")
+    vae_path: Optional[str] = setting(None, help="local diffusers AutoencoderKL folder")
+    text_encoder_path: Optional[str] = setting(None, help="local transformers text encoder folder")
+
+
+@dataclass
+class CurateConfig:
+    """A whole curation run."""
+
+    input: InputConfig = setting(default_factory=InputConfig, help="raw videos")
+    output: OutputConfig = setting(default_factory=OutputConfig, help="shards")
+    storage: StorageConfig = setting(default_factory=StorageConfig, help="object store")
+    ray: RayConfig = setting(default_factory=RayConfig, help="Ray resources")
+    probe: ProbeConfig = setting(default_factory=ProbeConfig, help="probe")
+    split: SplitConfig = setting(default_factory=SplitConfig, help="shot split")
+    clip: ClipConfig = setting(default_factory=ClipConfig, help="clip")
+    filters: FilterConfig = setting(default_factory=FilterConfig, help="filters")
+    dedup: DedupConfig = setting(default_factory=DedupConfig, help="dedup")
+    caption: CaptionConfig = setting(default_factory=CaptionConfig, help="caption")
+    latents: LatentsConfig = setting(default_factory=LatentsConfig, help="latents")
+
+    def validate(self) -> None:
+        if not self.input.path:
+            raise ConfigError("input.path is required: a directory, an s3:// prefix or a manifest file")
+        if not self.output.path:
+            raise ConfigError("output.path is required: a local folder or s3://bucket/prefix")
+        if self.clip.min_duration > self.clip.max_duration:
+            raise ConfigError(f"clip.min_duration={self.clip.min_duration} is larger than "
+                              f"clip.max_duration={self.clip.max_duration}")
+        if self.caption.mode in ("vlm",) and not self.caption.vlm_path:
+            raise ConfigError("caption.mode='vlm' needs caption.vlm_path (a local model folder)")
+        if bool(self.filters.aesthetic_clip_path) != bool(self.filters.aesthetic_head_path):
+            raise ConfigError("filters.aesthetic_clip_path and filters.aesthetic_head_path must be "
+                              "set together (or both null to turn the aesthetic filter off)")
+        if self.latents.enabled and not (self.latents.vae_path and self.latents.text_encoder_path):
+            raise ConfigError("latents.enabled=true needs latents.vae_path and latents.text_encoder_path")
+
+
+def load_curate_config(path=None, overrides=None) -> CurateConfig:
+    return load_config(path, overrides, schema=CurateConfig)
+
+
+# Fields that do not change what is written (where, how fast, with which credentials).
+_NOT_CONTENT = {"output": {"path"}, "storage": None, "ray": None, "input": {"path"}}
+
+
+def config_fingerprint(cfg: CurateConfig) -> str:
+    """A hash of every setting that changes shard contents; stored in stats.json."""
+    d = to_dict(cfg)
+    for section, keys in _NOT_CONTENT.items():
+        if keys is None:
+            d.pop(section, None)
+        else:
+            for k in keys:
+                d[section].pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def storage_options(cfg: CurateConfig) -> dict[str, Any]:
+    """fsspec options for s3:// paths."""
+    opts = dict(cfg.storage.options)
+    client_kwargs = dict(opts.pop("client_kwargs", {}) or {})
+    if cfg.storage.endpoint_url:
+        client_kwargs["endpoint_url"] = cfg.storage.endpoint_url
+    if cfg.storage.region:
+        client_kwargs["region_name"] = cfg.storage.region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    return opts

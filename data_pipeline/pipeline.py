@@ -1,0 +1,234 @@
+"""Ray Data assembly of the curation stages, resume, and the final shard packing.
+
+    sources ─► [task] probe → split → clip → cheap filters          (num_cpus=ray.video_task_cpus)
+            ─► [actors] OCR / NSFW / aesthetic                       (ray.model_actors × model_actor_cpus)
+            ─► [actors] VLM captions (when caption.vlm_path is set)  (ray.caption_actors, caption_gpus)
+            ─► driver: completion record per input
+    all inputs recorded ─► global dedup ─► shards, index.json, stats.json, rejected.jsonl, _SUCCESS
+
+One row is one input: its clips travel together, so an input is either fully recorded or redone.
+Actor pools reserve fractional CPUs and the total they hold is checked against the cluster, so
+video tasks (which feed them) always have a CPU left: on a 2-core machine two 0.5-CPU actors
+leave one core for decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from collections import Counter
+from typing import Optional
+
+from . import io as vio
+from .config import CurateConfig, config_fingerprint, storage_options
+from .sources import SourceItem, list_sources
+from .stages.clip import InputResult, process_video
+from .stages.latents import check_latents
+from .stages.models import Captioner, ModelFilters
+from .stages.probe import Rejected
+from .writer import finalize, finished_ids, write_record
+
+log = logging.getLogger("vchitect.curate")
+
+
+# ----------------------------------------------------------------------------- per-input work
+
+
+def run_video_stage(item: SourceItem, cfg: CurateConfig, options: dict) -> InputResult:
+    """Fetch (if remote) and process one input; any failure becomes a rejection, never a crash."""
+    try:
+        with vio.local_copy(item.uri, options) as path:
+            return process_video(path, item, cfg)
+    except FileNotFoundError as exc:
+        res = InputResult(source_id=item.source_id, uri=item.uri)
+        res.reject("probe", Rejected("missing", f"{type(exc).__name__}: {exc}"))
+        return res
+    except (OSError, PermissionError) as exc:
+        res = InputResult(source_id=item.source_id, uri=item.uri)
+        res.reject("probe", Rejected("unreadable", f"{type(exc).__name__}: {exc}"))
+        return res
+
+
+def _pack(res: InputResult) -> dict:
+    return {"source_id": res.source_id, "result": pickle.dumps(res, protocol=5)}
+
+
+def _unpack_batch(batch) -> list[InputResult]:
+    return [pickle.loads(bytes(b)) for b in batch["result"]]
+
+
+def _repack_batch(results: list[InputResult]) -> dict:
+    return {"source_id": [r.source_id for r in results],
+            "result": [pickle.dumps(r, protocol=5) for r in results]}
+
+
+class _ModelFilterActor:
+    def __init__(self, cfg):
+        self.fn = ModelFilters(cfg)
+
+    def __call__(self, batch):
+        return _repack_batch(self.fn(_unpack_batch(batch)))
+
+
+class _CaptionActor:
+    def __init__(self, cfg, items):
+        self.fn = Captioner(cfg)
+        self.items = items
+
+    def __call__(self, batch):
+        return _repack_batch(self.fn(_unpack_batch(batch), self.items))
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A rich display: per stage, how many inputs went through and how many clips were kept/rejected."""
+
+    STAGES = ("probe", "clip", "filter", "caption", "record")
+
+    def __init__(self, total: int, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+            TimeElapsedColumn
+
+        self.p = RichProgress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("kept {task.fields[kept]:>5}  rejected {task.fields[rejected]:>5}"),
+                              TimeElapsedColumn(), disable=not enabled)
+        self.tasks = {s: self.p.add_task(s, total=total, kept=0, rejected=0) for s in self.STAGES}
+        self.kept: Counter = Counter()
+        self.rejected: Counter = Counter()
+
+    def __enter__(self):
+        self.p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.p.__exit__(*exc)
+
+    def add(self, res: InputResult) -> None:
+        rej = Counter(r["stage"] for r in res.rejections)
+        self.rejected.update({"probe": rej["probe"] + rej["decode"], "clip": rej["clip"],
+                              "filter": rej["filter"], "caption": rej["caption"]})
+        if res.probe is not None and not rej["decode"]:
+            self.kept["probe"] += 1
+        self.kept["clip"] += res.entered.get("filter", 0)
+        self.kept["filter"] += len(res.clips) + rej["caption"]
+        self.kept["caption"] += len(res.clips)
+        self.kept["record"] += len(res.clips)
+        for s, t in self.tasks.items():
+            self.p.update(t, advance=1, kept=self.kept[s], rejected=self.rejected[s])
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _start_ray(cfg: CurateConfig, address: Optional[str]) -> bool:
+    """Connect to / start Ray; True when we started it (and so must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, ignore_reinit_error=True, log_to_driver=True,
+                  logging_level=logging.WARNING)
+    addr = address or cfg.ray.address
+    if addr:
+        ray.init(address=addr, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or None, **kwargs)
+    return True
+
+
+def _check_resources(cfg: CurateConfig, uses_models: bool, uses_vlm: bool) -> None:
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    held = (cfg.ray.model_actors * cfg.ray.model_actor_cpus if uses_models else 0) + \
+           (cfg.ray.caption_actors * cfg.ray.model_actor_cpus if uses_vlm else 0)
+    if held + cfg.ray.video_task_cpus > cpus + 1e-9:
+        raise RuntimeError(
+            f"the actor pools would hold {held:g} of {cpus:g} CPUs, leaving less than "
+            f"ray.video_task_cpus={cfg.ray.video_task_cpus:g} for the video tasks that feed them, "
+            "which would stall the pipeline; lower ray.model_actors / ray.caption_actors / "
+            "ray.model_actor_cpus or give Ray more CPUs (ray.num_cpus)")
+
+
+def run(cfg: CurateConfig, *, address: Optional[str] = None, progress: bool = True,
+        echo=print) -> dict:
+    """Curate ``cfg.input.path`` into ``cfg.output.path``; returns the stats (also in stats.json)."""
+    t0 = time.time()
+    check_latents(cfg)
+    options = storage_options(cfg)
+    out = cfg.output.path
+    items = list_sources(cfg.input.path, cfg.input.extensions, options, cfg.input.limit)
+    by_id = {it.source_id: it for it in items}
+    done = finished_ids(out, options) & set(by_id)
+    todo = [it for it in items if it.source_id not in done]
+    echo(f"curate: {len(items)} inputs, {len(done)} already finished, {len(todo)} to process")
+    f = cfg.filters
+    if not f.aesthetic_clip_path:
+        echo("curate: aesthetic filter off (filters.aesthetic_clip_path / aesthetic_head_path not set)")
+    uses_models = bool(f.ocr or f.nsfw or f.aesthetic_clip_path)
+    uses_vlm = bool(cfg.caption.vlm_path and cfg.caption.mode != "source")
+
+    if todo:
+        started = _start_ray(cfg, address)
+        try:
+            _run_ray(cfg, todo, by_id, options, uses_models, uses_vlm, progress)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    missing = sorted(set(by_id) - finished_ids(out, options))
+    if missing:
+        raise RuntimeError(f"{len(missing)} inputs have no completion record (e.g. {missing[0]}); "
+                           "rerun the same command to finish them")
+    echo("curate: packing shards")
+    stats = finalize(out, cfg, by_id, fingerprint=config_fingerprint(cfg), options=options,
+                     run_info={"processed_inputs": len(todo), "resumed_inputs": len(done),
+                               "seconds": round(time.time() - t0, 2)})
+    c = stats["counts"]
+    echo(f"curate: {c.get('clips_written', 0)} clips in {c.get('shards', 0)} shards; "
+         f"rejected: {json_compact(stats['rejected_by_reason'])}")
+    return stats
+
+
+def json_compact(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items()) or "none"
+
+
+def _run_ray(cfg, todo, by_id, options, uses_models, uses_vlm, progress) -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.verbose_progress = False
+    if hasattr(ctx, "print_on_execution_start"):
+        ctx.print_on_execution_start = False
+    _check_resources(cfg, uses_models, uses_vlm)
+
+    def video_stage(row: dict) -> dict:
+        return _pack(run_video_stage(SourceItem.from_row(row), cfg, options))
+
+    ds = ray.data.from_items([it.to_row() for it in todo], override_num_blocks=len(todo))
+    ds = ds.map(video_stage, num_cpus=cfg.ray.video_task_cpus)
+    if uses_models:
+        ds = ds.map_batches(_ModelFilterActor, fn_constructor_kwargs={"cfg": cfg},
+                            batch_size=cfg.ray.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.ray.model_actors),
+                            num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy")
+    if uses_vlm:
+        items = {it.source_id: it for it in todo}
+        gpu = {"num_gpus": cfg.ray.caption_gpus} if cfg.ray.caption_gpus else {}
+        ds = ds.map_batches(_CaptionActor, fn_constructor_kwargs={"cfg": cfg, "items": items},
+                            batch_size=cfg.ray.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.ray.caption_actors),
+                            num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy", **gpu)
+    captioner = None if uses_vlm else Captioner(cfg)
+    with Progress(len(todo), enabled=progress) as prog:
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+            for res in _unpack_batch(batch):
+                if captioner is not None:
+                    captioner([res], by_id)
+                write_record(cfg.output.path, res, options)
+                prog.add(res)

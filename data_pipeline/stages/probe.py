@@ -1,0 +1,94 @@
+"""Probe: container metadata from PyAV, without decoding frames.
+
+Rejects (with a reason) inputs that cannot be read, are not video, have no duration, or whose
+frame size is beyond the configured limits, so that nothing downstream allocates frames for them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Optional
+
+
+class Rejected(Exception):
+    """An input or clip is dropped; ``reason`` is a short key counted in stats.json."""
+
+    def __init__(self, reason: str, detail: str = "", score: Optional[float] = None):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.score = score
+
+
+@dataclass
+class ProbeResult:
+    duration: float
+    fps: float
+    fps_num: int
+    fps_den: int
+    width: int
+    height: int
+    codec: str
+    has_audio: bool
+    num_frames: int
+    size_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def fps_fraction(self) -> Fraction:
+        return Fraction(self.fps_num, self.fps_den)
+
+
+def probe(path: str, *, max_width: int = 8192, max_height: int = 8192,
+          max_duration: float = 4 * 3600.0) -> ProbeResult:
+    """Metadata of the video at local ``path``; raises :class:`Rejected` with a reason."""
+    import av
+
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise Rejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
+    if size == 0:
+        raise Rejected("empty_file", "zero bytes")
+    if not os.access(path, os.R_OK):
+        raise Rejected("unreadable", "no read permission")
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
+        raise Rejected("not_a_video", f"cannot open container: {type(exc).__name__}: {exc}") from None
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise Rejected("no_video_stream", f"streams: {', '.join(kinds)}")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        width, height = int(ctx.width or 0), int(ctx.height or 0)
+        if width <= 0 or height <= 0:
+            raise Rejected("not_a_video", "video stream without a frame size")
+        if width > max_width or height > max_height:
+            raise Rejected("frame_too_large", f"{width}x{height} exceeds {max_width}x{max_height}")
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if not rate or float(rate) <= 0:
+            raise Rejected("no_frame_rate", "the video stream reports no frame rate")
+        rate = Fraction(rate).limit_denominator(100000)
+        duration = 0.0
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / 1_000_000
+        frames = int(stream.frames or 0)
+        if frames == 0 and duration > 0:
+            frames = int(round(duration * float(rate)))
+        if duration <= 0 or frames == 0:
+            raise Rejected("zero_duration", f"duration {duration:.3f}s, {frames} frames")
+        if duration > max_duration:
+            raise Rejected("too_long", f"{duration:.0f}s exceeds {max_duration:.0f}s")
+        codec = ctx.name or "unknown"
+        has_audio = bool(container.streams.audio)
+    return ProbeResult(duration=duration, fps=float(rate), fps_num=rate.numerator,
+                       fps_den=rate.denominator, width=width, height=height, codec=codec,
+                       has_audio=has_audio, num_frames=frames, size_bytes=size)

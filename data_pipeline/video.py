@@ -1,0 +1,109 @@
+"""PyAV helpers shared by the stages: H.264 encoder choice, frame decoding, clip encoding."""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+from typing import Iterable, Iterator, Optional
+
+import av
+import numpy as np
+
+H264_ENCODERS = ("libx264", "libopenh264")
+
+
+def available_h264_encoders() -> list[str]:
+    names = set(av.codecs_available)
+    out = []
+    for name in H264_ENCODERS:
+        if name in names:
+            try:
+                av.codec.Codec(name, "w")
+            except Exception:
+                continue
+            out.append(name)
+    return out
+
+
+def pick_h264_encoder(preference: str = "auto") -> str:
+    """The H.264 encoder to use; a clear error when the PyAV build has none."""
+    have = available_h264_encoders()
+    if preference != "auto":
+        if preference not in have:
+            raise RuntimeError(f"clip.codec={preference!r} is not in this PyAV build (it has: "
+                               f"{', '.join(have) or 'no H.264 encoder'}); set clip.codec=auto or "
+                               "install an `av` wheel built with libx264/libopenh264")
+        return preference
+    if not have:
+        raise RuntimeError("this PyAV build has no H.264 encoder (libx264 or libopenh264); install "
+                           "an `av` wheel from PyPI, which ships one")
+    return have[0]
+
+
+def even_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """Scale (width, height) so the long side is at most ``max_size``; both even (H.264 4:2:0)."""
+    scale = min(1.0, max_size / max(width, height))
+    w = max(2, int(round(width * scale / 2)) * 2)
+    h = max(2, int(round(height * scale / 2)) * 2)
+    return w, h
+
+
+def encode_frames(frames: Iterable[np.ndarray], fps: Fraction | float, codec: str = "auto", *,
+                  crf: int = 23, bitrate: int = 2_000_000, preset: str = "veryfast") -> bytes:
+    """H.264 mp4 bytes of RGB uint8 frames (H×W×3, even sides). Same input → same bytes."""
+    codec = pick_h264_encoder(codec)
+    rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as out:
+        stream = None
+        for i, frame in enumerate(frames):
+            if stream is None:
+                h, w = frame.shape[:2]
+                stream = out.add_stream(codec, rate=rate)
+                stream.width, stream.height = w, h
+                stream.pix_fmt = "yuv420p"
+                stream.codec_context.time_base = Fraction(1) / rate
+                if codec == "libx264":
+                    stream.options = {"crf": str(crf), "preset": preset, "threads": "1"}
+                else:
+                    stream.bit_rate = bitrate
+                stream.codec_context.flags |= getattr(av.codec.context.Flags, "bitexact", 0) or 0
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            vf.pts = i
+            vf.time_base = Fraction(1) / rate
+            for packet in stream.encode(vf):
+                out.mux(packet)
+        if stream is None:
+            raise ValueError("encode_frames: no frames")
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def stream_fps(stream) -> Optional[Fraction]:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return Fraction(rate) if rate else None
+
+
+def decode_rgb(path: str, size: Optional[tuple[int, int]] = None, start: float = 0.0,
+               end: Optional[float] = None) -> Iterator[tuple[float, np.ndarray]]:
+    """(time in s, RGB frame) from ``start`` (inclusive) to ``end`` (exclusive), resized to ``size``."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        tb = stream.time_base
+        if start > 0:
+            container.seek(int(start / tb), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            t = float(frame.pts * tb)
+            if t < start - 1e-6:
+                continue
+            if end is not None and t >= end - 1e-6:
+                break
+            if size is not None:
+                img = frame.to_ndarray(width=size[0], height=size[1], format="rgb24")
+            else:
+                img = frame.to_ndarray(format="rgb24")
+            yield t, img
