@@ -84,13 +84,16 @@ def load_text_encoder(path: str | Path, kind: str = "t5", max_length: int = 77,
     tok_dir = p if any((p / n).exists() for n in ("tokenizer.json", "tokenizer_config.json",
                                                   "spiece.model")) else _folder(path, "tokenizer")
     cls = getattr(transformers, classes[kind])
-    model = cls.from_pretrained(p, torch_dtype=DTYPES[dtype]).to(device).eval().requires_grad_(False)
+    # transformers >= 4.56 names the argument `dtype`; older releases `torch_dtype`
+    new = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)
+    dt = {"dtype" if new else "torch_dtype": DTYPES[dtype]}
+    model = cls.from_pretrained(p, **dt).to(device).eval().requires_grad_(False)
     tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
     pooled_model = pooled_tok = None
     if pooled_path is not None:
         pp = _folder(pooled_path, "text_encoder")
         pooled_model = transformers.CLIPTextModelWithProjection.from_pretrained(
-            pp, torch_dtype=DTYPES[dtype]).to(device).eval().requires_grad_(False)
+            pp, **dt).to(device).eval().requires_grad_(False)
         pooled_tok = transformers.AutoTokenizer.from_pretrained(pp)
     return TextEncoder(model, tok, kind, max_length, pooled_model, pooled_tok)
 
