@@ -1,0 +1,199 @@
+"""Worker of the parallel exactness tests: one process of a gloo group that runs many layouts.
+
+Launched by ``tests/distributed/test_parallel_layouts.py`` (``python parallel_worker.py --out F``
+with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set). For every case it builds the tiny
+model from the same seed, runs a single-process reference on the global batch, parallelizes a
+copy with the case's layout, and compares the loss and every gradient after one step and every
+parameter after three AdamW steps. Rank 0 writes one JSON record per case to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+torch.set_num_threads(1)
+
+from vchitect.models import VchitectTransformer3DModel  # noqa: E402
+from vchitect.parallel import ParallelConfig, ParallelDims, data_parallel_slice, parallelize  # noqa: E402
+
+TINY = dict(sample_size=16, in_channels=4, num_layers=2, num_attention_heads=4, attention_head_dim=8,
+            joint_attention_dim=24, pooled_projection_dim=12, pos_embed_max_size=32)
+GLOBAL_BATCH = 4
+TEXT_LEN = 6
+LR = 1e-2
+# Adam's eps: the key biases of softmax attention have a mathematically zero gradient (a per-query
+# constant shift of the logits), so their computed gradient is rounding noise of ~1e-11; with the
+# default eps=1e-8 Adam rescales that noise to lr-sized updates that no two summation orders
+# reproduce. eps=1e-6 keeps the three-step comparison about the parallel code, not about noise.
+ADAM_EPS = 1e-6
+
+# name: (world size, layout, options)
+CASES = {
+    # 2 ranks
+    "dp_shard2": (2, dict(dp_shard=2), {}),
+    "dp_replicate2": (2, dict(dp_replicate=2, dp_shard=1), {}),
+    "sp2": (2, dict(dp_shard=1, sp=2), {}),
+    "tp2": (2, dict(dp_shard=1, tp=2), {}),
+    "sp2_nondivisible": (2, dict(dp_shard=1, sp=2), dict(height=10, width=14)),  # 5×7 = 35 tokens
+    "sp2_f1": (2, dict(dp_shard=1, sp=2), dict(frames=1)),
+    "tp2_f1": (2, dict(dp_shard=1, tp=2), dict(frames=1)),
+    "sp2_ac_full_offload": (2, dict(dp_shard=1, sp=2), dict(ac="full", offload=True)),
+    "dp_shard2_ac_selective": (2, dict(dp_shard=2), dict(ac="selective", ratio=0.5)),
+    "tp2_ac_full_offload": (2, dict(dp_shard=1, tp=2), dict(ac="full", offload=True)),
+    # 4 ranks
+    "sp4": (4, dict(dp_shard=1, sp=4), {}),
+    "sp4_nondivisible": (4, dict(dp_shard=1, sp=4), dict(height=10, width=14)),  # 35 → 36
+    "tp2_sp2": (4, dict(dp_shard=1, tp=2, sp=2), {}),
+    "dp_shard2_sp2": (4, dict(dp_shard=2, sp=2), {}),
+    "dp_replicate2_dp_shard2": (4, dict(dp_replicate=2, dp_shard=2), {}),
+    "tp2_dp_shard2": (4, dict(dp_shard=2, tp=2), {}),
+    "tp2_sp2_f1": (4, dict(dp_shard=1, tp=2, sp=2), dict(frames=1)),
+    "dp_replicate2_sp2_ac_offload": (4, dict(dp_replicate=2, dp_shard=1, sp=2), dict(ac="full", offload=True)),
+}
+
+
+def build_model() -> VchitectTransformer3DModel:
+    torch.manual_seed(0)
+    model = VchitectTransformer3DModel(**TINY)
+    # The temporal and cross outputs start at zero, which would leave their q/k/v without gradient
+    # at step one; give them small weights so every branch is exercised from the first step.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("to_out_temporal", "to_out_context", "to_add_out_temporal")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def make_batch(step: int, frames: int, height: int, width: int) -> dict:
+    g = torch.Generator().manual_seed(100 + step)
+    B = GLOBAL_BATCH
+    mask = torch.ones(B, TEXT_LEN, dtype=torch.bool)
+    mask[1, -2:] = False
+    mask[3, -3:] = False
+    return dict(
+        hidden_states=torch.randn(B, 4, frames, height, width, generator=g),
+        encoder_hidden_states=torch.randn(B, TEXT_LEN, 24, generator=g),
+        pooled_projections=torch.randn(B, 12, generator=g),
+        timestep=torch.rand(B, generator=g) * 1000,
+        encoder_attention_mask=mask,
+        target=torch.randn(B, 4, frames, height, width, generator=g),
+    )
+
+
+def loss_fn(model, batch: dict, rows: slice) -> torch.Tensor:
+    inputs = {k: v[rows] for k, v in batch.items() if k != "target"}
+    out = model(**inputs).sample
+    return torch.nn.functional.mse_loss(out, batch["target"][rows])
+
+
+def full(t):
+    if t is None:
+        return None
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    denom = b.norm().item()
+    diff = (a - b).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
+    frames, height, width = opts.get("frames", 3), opts.get("height", 16), opts.get("width", 16)
+    ref = build_model()
+    model = copy.deepcopy(ref)
+    t0 = time.time()
+
+    # single-process reference on the global batch
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.01, eps=ADAM_EPS)
+    ref_losses, ref_grads = [], None
+    for step in range(3):
+        batch = make_batch(step, frames, height, width)
+        loss = loss_fn(ref, batch, slice(None))
+        loss.backward()
+        if step == 0:
+            ref_grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in ref.named_parameters()}
+        ref_losses.append(loss.item())
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+
+    dims = ParallelDims(world_size=world, **layout)
+    cfg = ParallelConfig(activation_checkpointing=opts.get("ac", "none"), ac_ratio=opts.get("ratio", 0.5),
+                         activation_offload=opts.get("offload", False), compile="off")
+    parallelize(model, dims, cfg, device_type="cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, eps=ADAM_EPS)
+    rows = data_parallel_slice(GLOBAL_BATCH, dims)
+    losses, grad_errs, none_mismatch = [], {}, []
+    for step in range(3):
+        batch = make_batch(step, frames, height, width)
+        loss = loss_fn(model, batch, rows)
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        losses.append(mean_loss.item() / world)
+        if step == 0:
+            for n, p in model.named_parameters():
+                g = full(p.grad)
+                r = ref_grads[n]
+                if (g is None) != (r is None):
+                    none_mismatch.append(n)
+                elif g is not None:
+                    grad_errs[n] = rel_err(g, r)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    param_errs = {n: rel_err(full(p.detach()), dict(ref.named_parameters())[n].detach())
+                  for n, p in model.named_parameters()}
+    worst_grad = max(grad_errs, key=grad_errs.get)
+    worst_param = max(param_errs, key=param_errs.get)
+    return dict(
+        name=name, world=world, layout=layout, opts=opts, ok=True,
+        loss_ref=ref_losses, loss=losses,
+        loss_err=max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
+        grad_err=grad_errs[worst_grad], worst_grad=worst_grad,
+        param_err=param_errs[worst_param], worst_param=worst_param,
+        none_mismatch=none_mismatch, checked_grads=len(grad_errs),
+        seconds=round(time.time() - t0, 2),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", default="")
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    wanted = [c for c in args.cases.split(",") if c] or [n for n, (w, _, _) in CASES.items() if w == world]
+    records = []
+    for name in wanted:
+        w, layout, opts = CASES[name]
+        try:
+            rec = run_case(name, layout, opts, world)
+        except Exception as exc:  # record and go on, so one broken layout does not hide the others
+            rec = dict(name=name, ok=False, error=f"{type(exc).__name__}: {exc}",
+                       traceback=traceback.format_exc()[-3000:])
+        records.append(rec)
+        if rank == 0:
+            print(json.dumps({k: rec.get(k) for k in ("name", "ok", "loss_err", "grad_err", "param_err",
+                                                       "seconds", "error")}), flush=True)
+        dist.barrier()
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

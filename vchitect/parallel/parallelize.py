@@ -1,0 +1,85 @@
+"""``parallelize(model, dims, cfg)``: TP → sequence parallel → activation checkpointing → compile → FSDP.
+
+The order matters: tensor parallel first turns block weights into DTensors on the ``tp`` mesh;
+Ulysses only installs hooks and attention seams; checkpointing and compile wrap each block's
+forward; FSDP2 comes last so that its parameter all-gathers and gradient reduce-scatters wrap
+everything inside a block (and shard the TP DTensors a second time, on the data mesh).
+
+Data and randomness. Ranks of one SP/TP group must see the same sample, noise, timestep and
+dropout; data-parallel ranks must differ. :func:`data_parallel_slice` picks a rank's share of a
+global batch, :func:`seed_for_rank` and :func:`generator_for_rank` derive seeds from the
+data-parallel rank only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .checkpointing import apply_block_wrappers
+from .config import ParallelConfig
+from .dims import ParallelDims
+from .fsdp import apply_fsdp
+from .tensor_parallel import apply_tensor_parallel
+from .ulysses import apply_ulysses
+
+
+def default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: Optional[ParallelConfig] = None,
+                device_type: Optional[str] = None) -> nn.Module:
+    """Apply the layout ``dims`` and the options ``cfg`` to ``model`` (a VchitectTransformer3DModel)
+    in place and return it. Every check runs before any process group or parameter is touched."""
+    cfg = cfg or ParallelConfig()
+    device_type = device_type or default_device_type()
+    heads = model.config.num_attention_heads
+    if dims.num_heads is None:
+        dims.num_heads = heads
+        dims._validate()
+    compile_blocks = cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda")
+    dims.build_mesh(device_type)
+
+    if dims.tp_enabled:
+        apply_tensor_parallel(model, dims.mesh("tp"))
+    if dims.sp_enabled:
+        apply_ulysses(model, dims.mesh("sp"))
+    model._parallel_wrappers = apply_block_wrappers(
+        model, ac_mode=cfg.activation_checkpointing, ac_ratio=cfg.ac_ratio, offload=cfg.activation_offload,
+        compile_blocks=compile_blocks, device_type=device_type)
+    if dims.fsdp_enabled:
+        apply_fsdp(model, dims, mixed_precision=cfg.mixed_precision, cpu_offload=cfg.cpu_offload,
+                   reshard_after_forward=cfg.reshard_after_forward, device_type=device_type)
+    model._parallel_dims = dims
+    return model
+
+
+# ------------------------------------------------------------------ data and RNG
+def data_parallel_slice(batch_size: int, dims: ParallelDims) -> slice:
+    """This rank's rows of a global batch: contiguous, equal per data-parallel group, the same
+    for every SP/TP rank of the group."""
+    if batch_size % dims.dp:
+        raise ValueError(f"global batch {batch_size} is not divisible by the {dims.dp} data-parallel groups "
+                         f"(dp_replicate × dp_shard); use a multiple of {dims.dp}")
+    per = batch_size // dims.dp
+    return slice(dims.dp_rank * per, (dims.dp_rank + 1) * per)
+
+
+def seed_for_rank(seed: int, dims: ParallelDims, step: int = 0) -> int:
+    """A seed equal across an SP/TP group and different across data-parallel groups and steps."""
+    return (seed * 1_000_003 + dims.dp_rank * 10_007 + step) % (2**63 - 1)
+
+
+def generator_for_rank(seed: int, dims: ParallelDims, step: int = 0, device="cpu") -> torch.Generator:
+    """A generator for noise / timesteps / caption dropout of this rank's samples."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed_for_rank(seed, dims, step))
+    return g
+
+
+def manual_seed(seed: int, dims: ParallelDims, step: int = 0) -> None:
+    """Seed torch's global RNG (dropout inside the model) per data-parallel group."""
+    torch.manual_seed(seed_for_rank(seed, dims, step))

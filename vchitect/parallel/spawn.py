@@ -1,0 +1,54 @@
+"""Run one Python command as ``nproc`` local ranks (gloo/NCCL env:// rendezvous) — for tests and
+benchmarks on one machine. Production launches go through ``launch/`` (torchrun / Slurm)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_local(argv: list[str], nproc: int, timeout: float = 600, threads: int = 1,
+              capture: bool = True) -> list[subprocess.CompletedProcess]:
+    """Start ``python argv…`` ``nproc`` times with RANK/WORLD_SIZE/MASTER_* set; wait for all.
+
+    If one rank fails, the others are stopped (they would wait forever in a collective)."""
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS=str(threads))
+        out = subprocess.PIPE if capture else None
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=out, stderr=out, text=True))
+    deadline = time.time() + timeout
+    results: dict[int, subprocess.CompletedProcess] = {}
+    outputs: dict[int, tuple[str, str]] = {}
+    try:
+        while len(results) < nproc:
+            for rank, p in enumerate(procs):
+                if rank in results:
+                    continue
+                if p.poll() is not None:
+                    so, se = p.communicate() if capture else ("", "")
+                    results[rank] = subprocess.CompletedProcess(p.args, p.returncode, so, se)
+                    if p.returncode != 0:
+                        raise RuntimeError(f"rank {rank} exited with {p.returncode}:\n{(se or '')[-4000:]}")
+            if time.time() > deadline:
+                raise TimeoutError(f"{argv} on {nproc} ranks did not finish in {timeout:.0f} s")
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    del outputs
+    return [results[r] for r in range(nproc)]
