@@ -51,6 +51,8 @@ CASES = {
     "sp2_ac_full_offload": (2, dict(dp_shard=1, sp=2), dict(ac="full", offload=True)),
     "dp_shard2_ac_selective": (2, dict(dp_shard=2), dict(ac="selective", ratio=0.5)),
     "tp2_ac_full_offload": (2, dict(dp_shard=1, tp=2), dict(ac="full", offload=True)),
+    "dp_shard2_cpu_offload": (2, dict(dp_shard=2), dict(cpu_offload=True)),
+    "tp2_qk_norm": (2, dict(dp_shard=1, tp=2), dict(model=dict(qk_norm="rms_norm"))),
     # 4 ranks
     "sp4": (4, dict(dp_shard=1, sp=4), {}),
     "sp4_nondivisible": (4, dict(dp_shard=1, sp=4), dict(height=10, width=14)),  # 35 → 36
@@ -60,12 +62,14 @@ CASES = {
     "tp2_dp_shard2": (4, dict(dp_shard=2, tp=2), {}),
     "tp2_sp2_f1": (4, dict(dp_shard=1, tp=2, sp=2), dict(frames=1)),
     "dp_replicate2_sp2_ac_offload": (4, dict(dp_replicate=2, dp_shard=1, sp=2), dict(ac="full", offload=True)),
+    "tp2_sp2_qk_norm_nondivisible": (4, dict(dp_shard=1, tp=2, sp=2),
+                                     dict(height=10, width=14, model=dict(qk_norm="rms_norm"))),
 }
 
 
-def build_model() -> VchitectTransformer3DModel:
+def build_model(**overrides) -> VchitectTransformer3DModel:
     torch.manual_seed(0)
-    model = VchitectTransformer3DModel(**TINY)
+    model = VchitectTransformer3DModel(**{**TINY, **overrides})
     # The temporal and cross outputs start at zero, which would leave their q/k/v without gradient
     # at step one; give them small weights so every branch is exercised from the first step.
     g = torch.Generator().manual_seed(1)
@@ -112,7 +116,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
     frames, height, width = opts.get("frames", 3), opts.get("height", 16), opts.get("width", 16)
-    ref = build_model()
+    ref = build_model(**opts.get("model", {}))
     model = copy.deepcopy(ref)
     t0 = time.time()
 
@@ -131,7 +135,8 @@ def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
 
     dims = ParallelDims(world_size=world, **layout)
     cfg = ParallelConfig(activation_checkpointing=opts.get("ac", "none"), ac_ratio=opts.get("ratio", 0.5),
-                         activation_offload=opts.get("offload", False), compile="off")
+                         activation_offload=opts.get("offload", False), compile="off",
+                         cpu_offload=opts.get("cpu_offload", False))
     parallelize(model, dims, cfg, device_type="cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, eps=ADAM_EPS)
     rows = data_parallel_slice(GLOBAL_BATCH, dims)

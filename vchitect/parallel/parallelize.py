@@ -41,7 +41,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Optional[ParallelConf
         dims.num_heads = heads
         dims._validate()
     compile_blocks = cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda")
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device_type == "cuda")
     dims.build_mesh(device_type)
+    if device_type == "cuda":
+        model.to(torch.device("cuda", torch.cuda.current_device()))
 
     if dims.tp_enabled:
         apply_tensor_parallel(model, dims.mesh("tp"))
@@ -50,7 +53,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Optional[ParallelConf
     model._parallel_wrappers = apply_block_wrappers(
         model, ac_mode=cfg.activation_checkpointing, ac_ratio=cfg.ac_ratio, offload=cfg.activation_offload,
         compile_blocks=compile_blocks, device_type=device_type)
-    if dims.fsdp_enabled:
+    # FSDP2 also carries the bf16 MixedPrecisionPolicy, so it is applied (on a 1-rank mesh) when
+    # there is no data or sequence parallelism but bf16 compute is wanted.
+    if dims.fsdp_enabled or bf16:
         apply_fsdp(model, dims, mixed_precision=cfg.mixed_precision, cpu_offload=cfg.cpu_offload,
                    reshard_after_forward=cfg.reshard_after_forward, device_type=device_type)
     model._parallel_dims = dims
