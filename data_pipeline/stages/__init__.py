@@ -1,5 +1,5 @@
-"""Curation stages: plain functions and classes, usable without Ray (``pipeline.py`` schedules them)."""
+"""Curation stages: plain functions and classes, usable without Ray (``pipeline.py`` schedules them).
 
-from .probe import ProbeResult, Rejected, probe
-
-__all__ = ["probe", "ProbeResult", "Rejected"]
+probe · split · clip (cut, cheap filters, encode) · filters · models (OCR/NSFW/aesthetic,
+captioner) · caption · dedup · latents
+"""

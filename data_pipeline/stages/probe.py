@@ -7,6 +7,7 @@ frame size is beyond the configured limits, so that nothing downstream allocates
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Optional
@@ -56,6 +57,11 @@ def probe(path: str, *, max_width: int = 8192, max_height: int = 8192,
         raise Rejected("empty_file", "zero bytes")
     if not os.access(path, os.R_OK):
         raise Rejected("unreadable", "no read permission")
+    # Opening a container makes FFmpeg decode a first frame for some codecs; an absurd frame size
+    # must be caught before that, from the ISO-BMFF (mp4/mov) track headers.
+    for w, h in mp4_track_sizes(path):
+        if w > max_width or h > max_height:
+            raise Rejected("frame_too_large", f"{w}x{h} exceeds {max_width}x{max_height} (track header)")
     try:
         container = av.open(path, metadata_errors="ignore")
     except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
@@ -92,3 +98,59 @@ def probe(path: str, *, max_width: int = 8192, max_height: int = 8192,
     return ProbeResult(duration=duration, fps=float(rate), fps_num=rate.numerator,
                        fps_den=rate.denominator, width=width, height=height, codec=codec,
                        has_audio=has_audio, num_frames=frames, size_bytes=size)
+
+
+def mp4_track_sizes(path: str, max_moov: int = 64 << 20) -> list[tuple[int, int]]:
+    """(width, height) of every track header in an mp4/mov file; [] for other formats.
+
+    Reads only box headers and the ``moov`` box (which holds no frame data).
+    """
+    out: list[tuple[int, int]] = []
+    try:
+        with open(path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            pos = 0
+            while pos + 8 <= end:
+                f.seek(pos)
+                head = f.read(16)
+                size, kind = struct.unpack(">I4s", head[:8])
+                hdr = 8
+                if size == 1 and len(head) >= 16:
+                    size, hdr = struct.unpack(">Q", head[8:16])[0], 16
+                elif size == 0:
+                    size = end - pos
+                if size < hdr:
+                    return out
+                if pos == 0 and kind not in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+                    return out  # not ISO-BMFF
+                if kind == b"moov":
+                    if size > max_moov:
+                        return out
+                    f.seek(pos + hdr)
+                    _walk(f.read(size - hdr), out)
+                    return out
+                pos += size
+    except (OSError, struct.error):
+        return out
+    return out
+
+
+def _walk(buf: bytes, out: list) -> None:
+    pos = 0
+    while pos + 8 <= len(buf):
+        size, kind = struct.unpack(">I4s", buf[pos:pos + 8])
+        hdr = 8
+        if size == 1:
+            size, hdr = struct.unpack(">Q", buf[pos + 8:pos + 16])[0], 16
+        if size < hdr or pos + size > len(buf):
+            return
+        body = buf[pos + hdr:pos + size]
+        if kind in (b"trak", b"mdia", b"minf", b"stbl"):
+            _walk(body, out)
+        elif kind == b"tkhd" and body:
+            off = 76 if body[0] == 0 else 88
+            if len(body) >= off + 8:
+                w, h = struct.unpack(">II", body[off:off + 8])
+                if w or h:
+                    out.append((w >> 16, h >> 16))
+        pos += size

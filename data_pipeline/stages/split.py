@@ -72,7 +72,12 @@ class ShotDetector:
 def _as_frame_numbers(items: Iterable) -> list[int]:
     out = []
     for it in items or []:
-        out.append(int(it.get_frames()) if hasattr(it, "get_frames") else int(it))
+        if hasattr(it, "frame_num"):
+            out.append(int(it.frame_num))
+        elif hasattr(it, "get_frames"):
+            out.append(int(it.get_frames()))
+        else:
+            out.append(int(it))
     return out
 
 

@@ -1,0 +1,373 @@
+"""Curation stages without Ray: probe, split, clip, filters, captions, dedup, sources, writer."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import av
+import numpy as np
+import pytest
+
+from data_pipeline import synthetic
+from data_pipeline.config import ConfigError, load_curate_config
+from data_pipeline.sources import SourceItem, list_sources, make_source_id
+from data_pipeline.stages.caption import apply_template, source_caption
+from data_pipeline.stages.clip import process_video, sample_frames_rgb
+from data_pipeline.stages.dedup import find_duplicates
+from data_pipeline.stages import filters
+from data_pipeline.stages.probe import Rejected, probe
+from data_pipeline.stages.split import ShotDetector, plan_windows
+from data_pipeline.testing import write_bad_inputs
+from data_pipeline.video import decode_rgb, encode_frames, pick_h264_encoder
+from data_pipeline.writer import ShardWriter, finalize, write_record
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("corpus"))
+    truth = synthetic.generate_corpus(root, n=2, seed=3)
+    return root, truth
+
+
+def _cfg(root, out="/tmp/unused", *more):
+    return load_curate_config(None, [f"input.path={root}/manifest.jsonl", f"output.path={out}",
+                                     "clip.max_duration=3.0", *more])
+
+
+def _item(root, name):
+    items = list_sources(f"{root}/manifest.jsonl", [".mp4"])
+    return next(it for it in items if it.uri.endswith("/" + name))
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+def test_probe_reads_metadata(corpus):
+    root, truth = corpus
+    pr = probe(os.path.join(root, "videos", "video_0000.mp4"))
+    assert (pr.width, pr.height, pr.codec, pr.has_audio) == (256, 160, "h264", False)
+    assert pr.fps == pytest.approx(12.0)
+    shots = [s for s in truth["shots"] if s["file"] == "video_0000.mp4"]
+    assert pr.duration == pytest.approx(shots[-1]["end"], abs=0.1)
+
+
+def test_probe_rejects_every_bad_input(tmp_path, corpus):
+    root, _ = corpus
+    expected = write_bad_inputs(str(tmp_path), os.path.join(root, "videos", "video_0001.mp4"))
+    assert len(expected) == 7
+    for name, reason in expected.items():
+        with pytest.raises(Rejected) as err:
+            probe(str(tmp_path / name))
+        assert err.value.reason == reason, (name, err.value)
+
+
+def test_probe_rejects_huge_frames_from_the_header_alone(tmp_path, monkeypatch):
+    write_bad_inputs(str(tmp_path))
+    import data_pipeline.stages.probe as probe_mod
+
+    # If the probe opened the container, FFmpeg would decode the 10000×10000 frame.
+    def no_open(*a, **k):
+        raise AssertionError("the container was opened")
+
+    monkeypatch.setattr(av, "open", no_open)
+    with pytest.raises(Rejected, match="frame_too_large"):
+        probe_mod.probe(str(tmp_path / "huge 10000x10000.mp4"))
+
+
+# ----------------------------------------------------------------------------- split / clip
+
+
+def test_shot_detector_finds_the_hard_cuts(corpus):
+    root, truth = corpus
+    for kind in ("content", "adaptive"):
+        det = ShotDetector(kind, fps=12.0)
+        for _t, img in decode_rgb(os.path.join(root, "videos", "defects.mp4"), size=(256, 160)):
+            det.push(img)
+        cuts = det.finish()
+        want = [round(s["start"] * 12) for s in truth["shots"] if s["file"] == "defects.mp4"][1:]
+        assert len(cuts) == len(want), (kind, cuts, want)
+        assert all(abs(c - w) <= 1 for c, w in zip(cuts, want)), (kind, cuts, want)
+
+
+def test_plan_windows_margins_minimum_and_maximum():
+    # 10 fps; cuts at 12 and 60; 100 frames.
+    windows, dropped = plan_windows(100, [12, 60], 10.0, min_duration=1.5, max_duration=2.0, margin=0.2)
+    # shot 0: [0, 12) → trim 2 at the cut → 10 frames = 1.0 s < 1.5 → dropped
+    assert dropped == [(0, 12)]
+    # shot 1: [14, 58) = 44 frames → 3 windows of ≤ 20; shot 2: [62, 100) = 38 → 2 windows of 19
+    assert windows == [(14, 29), (29, 43), (43, 58), (62, 81), (81, 100)]
+    assert all(e - s <= 20 for s, e in windows)
+
+
+def test_process_video_cuts_scores_and_encodes(corpus):
+    root, truth = corpus
+    cfg = _cfg(root)
+    res = process_video(os.path.join(root, "videos", "video_0000.mp4"), _item(root, "video_0000.mp4"), cfg)
+    shots = [s for s in truth["shots"] if s["file"] == "video_0000.mp4"]
+    assert [c.clip for c in res.clips] == list(range(len(shots)))
+    assert res.rejections == []
+    for clip, shot in zip(res.clips, shots):
+        assert shot["start"] - 0.01 <= clip.start < clip.end <= shot["end"] + 0.01
+        with av.open(io.BytesIO(clip.mp4)) as c:
+            s = c.streams.video[0]
+            assert s.codec_context.name == "h264"
+            n = sum(1 for _ in c.decode(s))
+        assert n == clip.meta["num_frames"] == round((clip.end - clip.start) * 12)
+        assert clip.meta["fps"] == pytest.approx(12.0)
+        assert len(clip.frames) == cfg.filters.frames_per_clip and len(clip.phash) == cfg.filters.frames_per_clip
+
+
+def test_clip_fps_override_and_size_cap(corpus):
+    root, _ = corpus
+    cfg = _cfg(root, "/tmp/unused", "clip.fps=6", "clip.max_size=128")
+    res = process_video(os.path.join(root, "videos", "video_0000.mp4"), _item(root, "video_0000.mp4"), cfg)
+    clip = res.clips[0]
+    assert (clip.meta["width"], clip.meta["height"]) == (128, 80)
+    assert clip.meta["fps"] == pytest.approx(6.0)
+    assert clip.meta["num_frames"] == round((clip.end - clip.start) * 6)
+
+
+def test_planted_shot_defects_are_rejected_by_the_right_cheap_filter(corpus):
+    root, truth = corpus
+    res = process_video(os.path.join(root, "videos", "defects.mp4"), _item(root, "defects.mp4"), _cfg(root))
+    reasons = {r["clip"]: r["reason"] for r in res.rejections}
+    expected = {i: s["expected"] for i, s in enumerate(s for s in truth["shots"] if s["file"] == "defects.mp4")}
+    assert reasons == {i: e for i, e in expected.items() if e in ("motion", "blur")}
+    # the text shot passes the cheap filters; the OCR model filter catches it
+    assert sorted(c.clip for c in res.clips) == [i for i, e in expected.items() if e in ("kept", "ocr")]
+
+
+def test_encoder_is_deterministic_and_named():
+    assert pick_h264_encoder("auto") in ("libx264", "libopenh264")
+    with pytest.raises(RuntimeError, match="clip.codec"):
+        pick_h264_encoder("libopenh264" if pick_h264_encoder() == "libx264" else "libx264")
+    frames = [np.full((32, 48, 3), i * 10, np.uint8) for i in range(8)]
+    assert encode_frames(frames, 8) == encode_frames(frames, 8)
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+def test_sharpness_and_motion_scores_separate_the_cases():
+    rng = np.random.default_rng(0)
+    img = np.full((120, 160), 200, np.uint8)
+    import cv2
+
+    cv2.circle(img, (80, 60), 25, 30, -1)
+    blurred = cv2.GaussianBlur(img, (0, 0), 8)
+    assert filters.sharpness([img]) > 20 * filters.sharpness([blurred])
+    moved = np.roll(img, 6, axis=1)
+    assert filters.motion([(img, img)], 1 / 12) < 0.005
+    assert filters.motion([(img, moved)], 1 / 12) > 0.1
+    # shake: the whole (textured) frame jumps
+    texture = cv2.GaussianBlur(rng.integers(0, 255, (120, 160), dtype=np.uint8), (0, 0), 3)
+    texture = cv2.normalize(texture, None, 0, 255, cv2.NORM_MINMAX)
+    shake = filters.motion([(texture, np.roll(texture, (9, 12), axis=(0, 1)))], 1 / 12)
+    # true speeds: object 6 px/frame = 0.45 long sides/s; shake 15 px/frame = 1.1
+    assert filters.motion([(img, moved)], 1 / 12) == pytest.approx(0.45, rel=0.2)
+    assert shake > 0.6
+    with pytest.raises(Rejected) as err:
+        filters.check("motion", 0.001, 0.01, 2.0)
+    assert err.value.reason == "motion" and err.value.score == 0.001
+
+
+def test_ocr_filter_catches_the_text_shot_only(corpus):
+    root, truth = corpus
+    from data_pipeline.stages.models import ModelFilters
+
+    cfg = _cfg(root, "/tmp/unused", "filters.nsfw=false")
+    res = process_video(os.path.join(root, "videos", "defects.mp4"), _item(root, "defects.mp4"), cfg)
+    before = {c.clip for c in res.clips}
+    ModelFilters(cfg)([res])
+    expected = [s["expected"] for s in truth["shots"] if s["file"] == "defects.mp4"]
+    ocr_rejected = {r["clip"] for r in res.rejections if r["reason"] == "ocr"}
+    assert ocr_rejected == {i for i, e in enumerate(expected) if e == "ocr"}
+    assert {c.clip for c in res.clips} == before - ocr_rejected
+    assert all(c.meta["scores"]["text_area"] <= cfg.filters.max_text_area for c in res.clips)
+
+
+def test_nsfw_scorer_runs_from_the_wheel_weights():
+    score = filters.NSFWScorer()(np.full((160, 256, 3), 128, np.uint8))
+    assert 0.0 <= score < 0.2
+
+
+def test_aesthetic_filter_from_local_paths(tmp_path, corpus):
+    root, _ = corpus
+    from data_pipeline.stages.models import ModelFilters
+    from data_pipeline.testing import save_tiny_clip_aesthetic
+
+    clip_path, head_path = save_tiny_clip_aesthetic(str(tmp_path))
+    base = [f"filters.aesthetic_clip_path={clip_path}", f"filters.aesthetic_head_path={head_path}",
+            "filters.ocr=false", "filters.nsfw=false"]
+    for threshold, kept in ((4.0, True), (6.0, False)):  # the tiny head outputs exactly 5.0
+        cfg = _cfg(root, "/tmp/unused", *base, f"filters.min_aesthetic={threshold}")
+        res = process_video(os.path.join(root, "videos", "video_0000.mp4"), _item(root, "video_0000.mp4"), cfg)
+        n = len(res.clips)
+        ModelFilters(cfg)([res])
+        assert len(res.clips) == (n if kept else 0)
+        if not kept:
+            assert {r["reason"] for r in res.rejections} == {"aesthetic"}
+            assert all(r["score"] == pytest.approx(5.0) for r in res.rejections)
+
+
+def test_dedup_keeps_the_first_in_key_order():
+    h = 0x0123456789ABCDEF
+    hashes = {("b", 0): [h, h ^ 0b111], ("a", 1): [h ^ 1, h], ("c", 0): [~h & (2**64 - 1)] * 2,
+              ("a", 0): [h ^ 0xFF00FF00FF00FF00, h]}
+    dups = find_duplicates(hashes, max_distance=6)
+    assert dups == {("b", 0): ("a", 1)}
+    assert find_duplicates(hashes, max_distance=40) == {("b", 0): ("a", 0), ("a", 1): ("a", 0)}
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def test_source_captions_follow_segments_and_templates():
+    item = SourceItem(uri="x", source_id="x", caption="whole",
+                      segments=[{"start": 0, "end": 2, "caption": "first"},
+                                {"start": 2, "end": 5, "caption": "second"}])
+    assert source_caption(item, 0.1, 1.9) == "first"
+    assert source_caption(item, 1.5, 4.0) == "second"
+    assert source_caption(SourceItem(uri="x", source_id="x", caption="whole"), 0, 1) == "whole"
+    meta = {"camera_motion": "slow", "scores": {"sharpness": 1234.5}}
+    assert apply_template("{caption}; camera {camera_motion}; sharp {sharpness:.0f}; {aesthetic}", "c", meta) \
+        == "c; camera slow; sharp 1234; unknown"
+
+
+def test_vlm_captioner_with_a_tiny_real_model(tmp_path, corpus):
+    root, _ = corpus
+    from data_pipeline.stages.models import Captioner
+    from data_pipeline.testing import save_tiny_blip
+
+    path = save_tiny_blip(str(tmp_path / "blip"))
+    cfg = _cfg(root, "/tmp/unused", "caption.mode=vlm", f"caption.vlm_path={path}",
+               "caption.max_new_tokens=6", "caption.template='{caption} ({camera_motion})'")
+    item = _item(root, "video_0000.mp4")
+    res = process_video(os.path.join(root, "videos", "video_0000.mp4"), item, cfg)
+    n = len(res.clips)
+    Captioner(cfg)([res], {item.source_id: item})
+    assert len(res.clips) == n > 0
+    for clip in res.clips:
+        assert clip.meta["caption_source"] == "vlm:blip"
+        assert clip.meta["raw_caption"].strip()
+        assert clip.caption == f"{clip.meta['raw_caption']} ({clip.meta['camera_motion']})"
+
+
+def test_clips_without_any_caption_are_rejected(corpus):
+    root, _ = corpus
+    from data_pipeline.stages.models import Captioner
+
+    cfg = _cfg(root, "/tmp/unused", "caption.mode=source")
+    item = SourceItem(uri="u", source_id=_item(root, "video_0000.mp4").source_id)
+    res = process_video(os.path.join(root, "videos", "video_0000.mp4"), item, cfg)
+    Captioner(cfg)([res], {item.source_id: item})
+    assert res.clips == [] and {r["reason"] for r in res.rejections} == {"no_caption"}
+
+
+# ----------------------------------------------------------------------------- sources / config
+
+
+def test_sources_directory_manifests_and_ids(tmp_path):
+    d = tmp_path / "raw"
+    (d / "sub dir").mkdir(parents=True)
+    names = ["a b.mp4", "sub dir/it's $x.mp4", "sub dir/c.MOV", "notes.txt"]
+    for n in names:
+        (d / n).write_bytes(b"x")
+    items = list_sources(str(d), [".mp4", ".mov"])
+    assert sorted(os.path.relpath(it.uri, d) for it in items) == sorted(names[:3])
+    for it in items:
+        assert all(ch.isalnum() or ch in "_-" for ch in it.source_id), it.source_id
+    assert [it.source_id for it in items] == sorted(it.source_id for it in items)
+    assert make_source_id("x", "uri1") != make_source_id("x", "uri2")
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"uri": "raw/a b.mp4", "id": "clip.one", "caption": "hello"},
+            {"uri": "/abs/v.mp4", "id": "", "caption": ""}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "m.csv").write_text("uri,id,caption\nraw/a b.mp4,clip.one,hello\n/abs/v.mp4,,\n")
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "m.parquet"))
+    for ext in ("jsonl", "csv", "parquet"):
+        got = list_sources(str(tmp_path / f"m.{ext}"), [".mp4"])
+        by_uri = {it.uri: it for it in got}
+        assert by_uri[str(d / "a b.mp4")].source_id == "clip-one"
+        assert by_uri[str(d / "a b.mp4")].caption == "hello"
+        assert by_uri["/abs/v.mp4"].caption is None
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="filters.min_sharpnes"):
+        load_curate_config(None, ["input.path=x", "output.path=y", "filters.min_sharpnes=3"])
+    with pytest.raises(ConfigError, match="split.detector"):
+        load_curate_config(None, ["input.path=x", "output.path=y", "split.detector=magic"])
+    with pytest.raises(ConfigError, match="output.path"):
+        load_curate_config(None, ["input.path=x"])
+    with pytest.raises(ConfigError, match="aesthetic_head_path"):
+        load_curate_config(None, ["input.path=x", "output.path=y", "filters.aesthetic_clip_path=/m"])
+    cfg = load_curate_config(os.path.join(os.path.dirname(__file__), "../../configs/curate/synthetic.yaml"),
+                             ["input.path=x", "output.path=y"])
+    assert cfg.clip.max_duration == 3.0 and cfg.split.detector == "content"
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def _records(root, out, cfg):
+    from data_pipeline.stages.models import Captioner
+
+    items = list_sources(f"{root}/manifest.jsonl", [".mp4"])
+    for it in items:
+        res = process_video(os.path.join(root, it.uri), it, cfg)
+        Captioner(cfg)([res], {it.source_id: it})
+        write_record(out, res)
+    return [it.source_id for it in items]
+
+
+def test_finalize_is_deterministic_and_repairs_a_partial_output(tmp_path, corpus):
+    root, truth = corpus
+    out = str(tmp_path / "out")
+    cfg = _cfg(root, out, "output.samples_per_shard=2", "filters.ocr=false", "filters.nsfw=false")
+    ids = _records(root, out, cfg)
+    finalize(out, cfg, ids, fingerprint="f")
+    names = sorted(n for n in os.listdir(out) if n.endswith(".tar"))
+    first = {n: (tmp_path / "out" / n).read_bytes() for n in names + ["index.json", "rejected.jsonl"]}
+    assert len(names) >= 2 and (tmp_path / "out" / "_SUCCESS").exists()
+    # A kill during packing leaves some shards, a truncated one, no _SUCCESS and a stale extra.
+    os.remove(tmp_path / "out" / "_SUCCESS")
+    os.remove(tmp_path / "out" / names[0])
+    (tmp_path / "out" / names[-1]).write_bytes(first[names[-1]][:100])
+    (tmp_path / "out" / "shard-000099.tar").write_bytes(b"stale")
+    finalize(out, cfg, ids, fingerprint="f")
+    again = {n: (tmp_path / "out" / n).read_bytes() for n in names + ["index.json", "rejected.jsonl"]}
+    assert again == first
+    assert not (tmp_path / "out" / "shard-000099.tar").exists()
+    index = json.loads(first["index.json"])
+    import hashlib
+
+    for e in index["shards"]:
+        assert hashlib.sha256(first[e["name"]]).hexdigest() == e["sha256"]
+        with tarfile.open(fileobj=io.BytesIO(first[e["name"]])) as tar:
+            members = tar.getmembers()
+        assert len(members) == 3 * e["nsamples"] <= 6
+        assert all(m.mtime == 0 and m.uid == 0 for m in members)
+        for m in members:
+            key, ext = m.name.rsplit(".", 1) if m.name.count(".") == 1 else (None, None)
+            assert ext in ("mp4", "json", "txt"), m.name
+            assert all(ch.isalnum() or ch in "_-" for ch in key), key
+
+
+def test_shard_writer_respects_count_and_byte_caps(tmp_path):
+    w = ShardWriter(str(tmp_path), "s", samples_per_shard=3, max_bytes=7500)
+    for i in range(7):
+        w.add(f"k_{i:04d}", {"mp4": b"x" * 1500, "txt": b"t"})
+    index = w.close()
+    assert [e["nsamples"] for e in index] == [2, 2, 2, 1]
+    assert all(e["bytes"] % 10240 == 0 for e in index)  # tar records are padded to 10 KiB
+    w = ShardWriter(str(tmp_path / "b"), "s", samples_per_shard=3, max_bytes=1 << 20)
+    for i in range(7):
+        w.add(f"k_{i:04d}", {"txt": b"t"})
+    assert [e["nsamples"] for e in w.close()] == [3, 3, 1]
