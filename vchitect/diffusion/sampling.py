@@ -1,0 +1,168 @@
+"""Rectified-flow sampling: the Euler integrator with classifier-free guidance.
+
+    x_t = (1 − t)·x0 + t·ε,   the model predicts v = ε − x0 at timestep 1000·t,
+    Euler from t = 1 (noise) to t = 0:   x ← x + (t_next − t)·v.
+
+The noise levels are ``linspace(1, 0, steps + 1)`` passed through the training shift
+t' = s·t / (1 + (s − 1)·t) (the same schedule diffusers' ``FlowMatchEulerDiscreteScheduler``
+builds from ``shift = s``). Guidance: v = v_uncond + g·(v_cond − v_uncond); the conditional and
+unconditional rows run as one batch of 2B unless ``batch_cfg=False``.
+
+Two training-free accelerations/quality tools plug into :func:`sample`:
+:class:`~vchitect.diffusion.fastercache.FasterCache` (reuse attention outputs and the unconditional
+prediction across steps) and :func:`~vchitect.diffusion.freeinit.freeinit_sample` (noise
+re-initialisation). Sequence-parallel sampling needs nothing here: a model prepared with
+:func:`vchitect.parallel.ulysses.apply_ulysses` returns the full prediction on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class TextCondition:
+    """Encoded prompts: hidden B×L×Dt, mask B×L bool (None = all valid), pooled B×P."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+
+    @property
+    def batch(self) -> int:
+        return self.hidden.shape[0]
+
+    def valid_mask(self) -> torch.Tensor:
+        if self.mask is None:
+            return torch.ones(self.hidden.shape[:2], dtype=torch.bool, device=self.hidden.device)
+        return self.mask.to(torch.bool)
+
+    def padded(self, length: int) -> "TextCondition":
+        """Zero-pad the token axis to ``length`` (padding masked out)."""
+        L = self.hidden.shape[1]
+        if L == length:
+            return self
+        if L > length:
+            raise ValueError(f"cannot pad {L} text tokens down to {length}")
+        pad = length - L
+        hidden = torch.cat([self.hidden, self.hidden.new_zeros(self.batch, pad, self.hidden.shape[2])], 1)
+        mask = torch.cat([self.valid_mask(), self.valid_mask().new_zeros(self.batch, pad)], 1)
+        return TextCondition(hidden, self.pooled, mask)
+
+    @staticmethod
+    def cat(conds: list["TextCondition"]) -> "TextCondition":
+        """Stack along the batch axis (token axes padded to the longest)."""
+        L = max(c.hidden.shape[1] for c in conds)
+        conds = [c.padded(L) for c in conds]
+        masks = None if all(c.mask is None for c in conds) else torch.cat([c.valid_mask() for c in conds])
+        return TextCondition(torch.cat([c.hidden for c in conds]), torch.cat([c.pooled for c in conds]), masks)
+
+
+def shift_sigmas(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift: t' = s·t / (1 + (s − 1)·t) (s > 1 spends more steps at high noise)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """``num_steps + 1`` noise levels from 1 to 0 (float32), shifted; the last one is exactly 0."""
+    if num_steps < 1:
+        raise ValueError(f"num_inference_steps={num_steps}: need at least one step")
+    if shift <= 0:
+        raise ValueError(f"shift={shift}: must be > 0 (1 = no shift)")
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return shift_sigmas(t, shift).to(torch.float32)
+
+
+def predict_velocity(model, x: torch.Tensor, text: TextCondition, t: float) -> torch.Tensor:
+    """One transformer call: x B×C×F×H×W at noise level t (same for the batch) → v B×C×F×H×W."""
+    timestep = torch.full((x.shape[0],), float(t) * 1000.0, device=x.device, dtype=torch.float32)
+    dtype = next(model.parameters()).dtype
+    out = model(x.to(dtype), text.hidden.to(dtype), text.pooled.to(dtype), timestep,
+                encoder_attention_mask=text.mask, return_dict=False)[0]
+    return out.float()
+
+
+StepCallback = Callable[[int, float, torch.Tensor], None]
+
+
+@torch.no_grad()
+def sample(model, noise: torch.Tensor, cond: TextCondition, uncond: Optional[TextCondition] = None, *,
+           sigmas: torch.Tensor, guidance_scale: float = 1.0, batch_cfg: bool = True, fastercache=None,
+           callback: Optional[StepCallback] = None) -> torch.Tensor:
+    """Integrate ``noise`` (B×C×F×H×W, float32) along ``sigmas`` (1 → 0) and return x0 (float32).
+
+    ``uncond`` (same batch as ``cond``) enables guidance when ``guidance_scale != 1``. With a
+    :class:`~vchitect.diffusion.fastercache.FasterCache`, its schedule decides per step which
+    attention outputs and which unconditional predictions are computed or reused.
+    """
+    use_cfg = uncond is not None and guidance_scale != 1.0
+    if use_cfg and uncond.batch != cond.batch:
+        raise ValueError(f"negative prompts ({uncond.batch}) and prompts ({cond.batch}) must match in number")
+    num_steps = len(sigmas) - 1
+    x = noise.float()
+    both = TextCondition.cat([cond, uncond]) if use_cfg else None
+    session = fastercache.attach(model, num_steps) if fastercache is not None else None
+    try:
+        for i in range(num_steps):
+            t, t_next = float(sigmas[i]), float(sigmas[i + 1])
+            if not use_cfg:
+                if session is not None:
+                    session.begin_step(i, ("cond",))
+                v = predict_velocity(model, x, cond, t)
+            else:
+                full = session is None or session.cfg_full(i)
+                if full and batch_cfg:
+                    if session is not None:
+                        session.begin_step(i, ("cond", "uncond"))
+                    v_c, v_u = predict_velocity(model, torch.cat([x, x]), both, t).chunk(2)
+                elif full:
+                    if session is not None:
+                        session.begin_step(i, ("cond",))
+                    v_c = predict_velocity(model, x, cond, t)
+                    if session is not None:
+                        session.begin_step(i, ("uncond",))
+                    v_u = predict_velocity(model, x, uncond, t)
+                else:  # FasterCache CFG-Cache: only the conditional pass runs
+                    session.begin_step(i, ("cond",))
+                    v_c = predict_velocity(model, x, cond, t)
+                    v_u = session.rebuild_uncond(v_c, i)
+                if session is not None and full:
+                    session.store_cfg_residual(v_c, v_u, i)
+                v = v_u + guidance_scale * (v_c - v_u)
+            x = x + (t_next - t) * v
+            if callback is not None:
+                callback(i, t, x)
+    finally:
+        if session is not None:
+            session.detach()
+    return x
+
+
+def enable_sequence_parallel(model, mesh=None):
+    """Split ``model``'s video tokens over the ranks of ``mesh`` (1-D; default: all ranks) with the
+    training code's Ulysses sequence parallelism. Every rank must then call :func:`sample` with the
+    same noise and text; each gets the full result. Returns the mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from vchitect.parallel.ulysses import apply_ulysses
+
+    if mesh is None:
+        if not dist.is_initialized():
+            raise RuntimeError("sequence-parallel sampling needs a process group: launch with torchrun "
+                               "(or call torch.distributed.init_process_group first)")
+        device_type = next(model.parameters()).device.type
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("sp",))
+    heads = model.config.num_attention_heads
+    if heads % mesh.size():
+        raise ValueError(f"the model has {heads} attention heads, not divisible by {mesh.size()} sequence-parallel "
+                         f"ranks; use a rank count that divides {heads}")
+    apply_ulysses(model, mesh)
+    return mesh
+
+
+__all__ = ["TextCondition", "enable_sequence_parallel", "flow_sigmas", "predict_velocity", "sample",
+           "shift_sigmas"]

@@ -1,0 +1,163 @@
+"""``vchitect export`` and ``vchitect sample``: parser builders registered by :mod:`vchitect.cli`.
+
+    vchitect export CKPT OUT [--ema] [--dtype bf16|fp16|fp32] [--base DIR] [--max-shard-size 5GB]
+    vchitect sample (EXPORT_DIR | CKPT | CONFIG CKPT) --prompt … --out video.mp4|.gif [options]
+
+``sample`` under ``torchrun --nproc-per-node N`` (or any launcher setting WORLD_SIZE) splits the
+video tokens over the N ranks with Ulysses sequence parallelism; rank 0 writes the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def cmd_export(args) -> int:
+    from .export import ExportError, export
+
+    try:
+        export(args.ckpt, args.out, ema=args.ema, dtype=args.dtype, base=args.base, max_shard_size=args.max_shard_size,
+               overwrite=args.overwrite)
+    except ExportError as exc:
+        print(f"export error: {exc}")
+        return 2
+    return 0
+
+
+def add_export_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="turn a DCP training checkpoint into a diffusers pipeline folder")
+    p.add_argument("ckpt", help="a step-… checkpoint folder, or a run / checkpoints folder (newest complete step)")
+    p.add_argument("out", help="output pipeline folder (written to a temporary name, then renamed)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw model weights")
+    p.add_argument("--dtype", default="fp32", help="weight dtype: bf16, fp16 or fp32 (default fp32)")
+    p.add_argument("--base", default=None, help="diffusers folder supplying vae/, text_encoder/, tokenizer/ "
+                   "(default: the local paths in the run config)")
+    p.add_argument("--max-shard-size", default="5GB", help="split transformer weights above this size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export)
+
+
+# ------------------------------------------------------------------ sample
+def write_video(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
+    """frames F×H×W×3 in [0, 1] → .gif (Pillow) or .mp4 (PyAV, H.264)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    u8 = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    if path.suffix.lower() == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(f) for f in u8]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        return path
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"--out {path}: write .mp4 or .gif")
+    try:
+        import av
+    except ImportError:
+        raise ImportError("writing mp4 needs PyAV: pip install 'vchitect[data]', or write a .gif") from None
+    H, W = u8.shape[1:3]
+    if H % 2 or W % 2:  # yuv420p needs even sides
+        u8 = np.pad(u8, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=int(round(fps)))
+        stream.width, stream.height = u8.shape[2], u8.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for f in u8:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def load_pipeline(args):
+    """An export folder, a checkpoint, or a config + checkpoint → VchitectPipeline."""
+    from .export import pipeline_from_checkpoint
+    from .pipeline import VchitectPipeline
+
+    source = Path(args.source)
+    if args.ckpt is None and (source / "model_index.json").is_file():
+        return VchitectPipeline.from_pretrained(source)
+    if args.ckpt is None:
+        return pipeline_from_checkpoint(source, base=args.base, ema=args.ema, dtype=args.dtype)
+    from vchitect.config import load_config, to_dict
+
+    config = to_dict(load_config(source))
+    return pipeline_from_checkpoint(args.ckpt, base=args.base, ema=args.ema, dtype=args.dtype, config=config)
+
+
+def _init_sequence_parallel(pipe, device):
+    """Under a multi-rank launch, split the video tokens of ``pipe.transformer`` over all ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0
+    import torch.distributed as dist
+
+    from vchitect.diffusion.sampling import enable_sequence_parallel
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    enable_sequence_parallel(pipe.transformer)
+    return dist.get_rank()
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from vchitect.diffusion.fastercache import FasterCacheConfig
+    from vchitect.diffusion.freeinit import FreeInitConfig
+
+    from .export import ExportError
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    try:
+        pipe = load_pipeline(args)
+    except ExportError as exc:
+        print(f"sample error: {exc}")
+        return 2
+    pipe.to(device)
+    rank = _init_sequence_parallel(pipe, device)
+    fastercache = FasterCacheConfig() if args.fastercache else None
+    freeinit = FreeInitConfig(reinits=args.freeinit, filter=args.freeinit_filter) if args.freeinit else None
+    generator = torch.Generator().manual_seed(args.seed)
+    video = pipe(args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,
+                 width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                 generator=generator, output_type="np", fastercache=fastercache, freeinit=freeinit).frames
+    if rank == 0:
+        path = write_video(video[0], args.out, fps=args.fps)
+        print(f"wrote {path} ({video.shape[1]} frames, {video.shape[2]}×{video.shape[3]})")
+    return 0
+
+
+def add_sample_parser(subparsers) -> None:
+    p = subparsers.add_parser("sample", help="generate a video from an export folder or a training checkpoint")
+    p.add_argument("source", help="export folder (model_index.json), checkpoint folder, or a config YAML followed "
+                   "by a checkpoint")
+    p.add_argument("ckpt", nargs="?", default=None, help="checkpoint, when SOURCE is a config")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: the empty prompt)")
+    p.add_argument("--out", required=True, help="output .mp4 or .gif")
+    p.add_argument("--frames", type=int, default=16, help="video frames (default 16)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's sample size)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's sample size)")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
+    p.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written file")
+    p.add_argument("--fastercache", action="store_true", help="FasterCache with its default schedule "
+                   "(see docs/sampling.md)")
+    p.add_argument("--freeinit", type=int, default=0, metavar="N", help="FreeInit re-initialisations (0 = off)")
+    p.add_argument("--freeinit-filter", default="butterworth", choices=["butterworth", "gaussian", "ideal"])
+    p.add_argument("--ema", action="store_true", help="checkpoint sources: use the EMA weights")
+    p.add_argument("--dtype", default="fp32", help="checkpoint sources: bf16, fp16 or fp32")
+    p.add_argument("--base", default=None, help="checkpoint sources: folder with vae/, text_encoder/, tokenizer/")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=cmd_sample)
+
+
+__all__ = ["add_export_parser", "add_sample_parser", "cmd_export", "cmd_sample", "write_video"]

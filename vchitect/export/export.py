@@ -1,0 +1,307 @@
+"""DCP checkpoint → diffusers pipeline folder (``vchitect export CKPT OUT``).
+
+What a checkpoint is (written by the trainer): ``RUN/checkpoints/step-000001000/``, a
+``torch.distributed.checkpoint`` directory with a ``.metadata`` file and ``vchitect.json``
+(``{"step", "config", "world_size"}``). Its state dict has top-level entries ``model`` (plain
+parameter names of :class:`VchitectTransformer3DModel`), ``ema`` (trainable parameters only),
+and optimizer / scheduler / data-loader / RNG state, which export never reads.
+
+Consolidation runs in one process without a process group (``dcp.load(..., no_dist=True)``):
+the metadata gives every tensor's global shape, so a checkpoint saved by any number of ranks,
+sharded or not, loads the same way and gives byte-identical output files.
+
+Output (written to ``OUT.tmp-<pid>`` and renamed when complete)::
+
+    model_index.json
+    transformer/   config.json + diffusion_pytorch_model.safetensors (sharded + index above the cap)
+    scheduler/     FlowMatchEulerDiscreteScheduler with the training shift
+    vae/ text_encoder/ tokenizer/   copied from the run config's local paths or --base DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+CHECKPOINT_META = "vchitect.json"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt", ".index.json")
+
+
+class ExportError(RuntimeError):
+    """A problem with the checkpoint or the export options; the message says what to do."""
+
+
+# ------------------------------------------------------------------ finding and reading checkpoints
+def is_complete(step_dir: Path) -> bool:
+    return (step_dir.is_dir() and not step_dir.name.endswith(".tmp") and (step_dir / ".metadata").is_file()
+            and (step_dir / CHECKPOINT_META).is_file())
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A complete ``step-…`` folder: ``path`` itself, or the newest one under ``path`` or ``path/checkpoints``."""
+    p = Path(path)
+    if not p.exists():
+        raise ExportError(f"checkpoint {p} does not exist; pass a step-… folder, a checkpoints/ folder or a run folder")
+    if p.name.startswith("step-"):
+        if p.name.endswith(".tmp"):
+            raise ExportError(f"{p} is an incomplete checkpoint (still being written, or the save was interrupted); "
+                              f"export a complete step-… folder next to it")
+        if not is_complete(p):
+            missing = [n for n in (".metadata", CHECKPOINT_META) if not (p / n).is_file()]
+            raise ExportError(f"{p} is an incomplete checkpoint: {', '.join(missing)} missing. Export another step")
+        return p
+    for folder in (p / "checkpoints", p):
+        steps = sorted(d for d in folder.glob("step-*") if is_complete(d)) if folder.is_dir() else []
+        if steps:
+            return steps[-1]
+    raise ExportError(f"no complete checkpoint (step-… folder with .metadata and {CHECKPOINT_META}) under {p}")
+
+
+def read_meta(step_dir: Path) -> dict:
+    try:
+        meta = json.loads((step_dir / CHECKPOINT_META).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{step_dir / CHECKPOINT_META} is unreadable ({exc}); the checkpoint is damaged") from None
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"].get("model"), dict):
+        raise ExportError(f"{step_dir / CHECKPOINT_META} has no config.model section; was it written by vchitect?")
+    return meta
+
+
+def load_weights(step_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The model's plain state dict, consolidated from ``step_dir`` in this process.
+
+    With ``ema``, the EMA entries replace the model entries they exist for (EMA covers trainable
+    parameters only; frozen ones and buffers come from ``model``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(step_dir))
+    try:
+        metadata = reader.read_metadata()
+    except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable checkpoint
+        raise ExportError(f"{step_dir}/.metadata cannot be read ({exc}); the checkpoint is damaged") from None
+    wanted: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}}
+    for key, md in metadata.state_dict_metadata.items():
+        top, _, fqn = key.partition(".")
+        if top in wanted and fqn and isinstance(md, TensorStorageMetadata):
+            if top == "ema" and not ema:
+                continue
+            wanted[top][fqn] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    if not wanted["model"]:
+        raise ExportError(f"{step_dir} holds no `model` entries; it is not a vchitect training checkpoint")
+    if ema and not wanted["ema"]:
+        raise ExportError(f"{step_dir} holds no EMA weights (train.ema_decay was 0); export without --ema")
+    state = {k: v for k, v in wanted.items() if v}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(step_dir)), no_dist=True)
+    weights = dict(state["model"])
+    if ema:
+        weights.update(state["ema"])
+    return weights
+
+
+# ------------------------------------------------------------------ components
+def _component_paths(config: dict, base: Optional[Path]) -> dict[str, Optional[Path]]:
+    """Local folders of the VAE and text encoder: --base wins, then the run config."""
+    enc = (config.get("data") or {}).get("encoders") or {}
+
+    def configured(*candidates):
+        for c in candidates:
+            if isinstance(c, dict):
+                c = c.get("path")
+            if c:
+                return Path(c)
+        return None
+
+    paths = {"vae": configured(config.get("vae"), enc.get("vae_path")),
+             "text_encoder": configured(config.get("text_encoder"), enc.get("text_encoder_path"))}
+    if base is not None:
+        if not base.is_dir():
+            raise ExportError(f"--base {base} is not a folder; give a diffusers pipeline folder with vae/, "
+                              f"text_encoder/ and tokenizer/")
+        for name in paths:
+            if (base / name).is_dir():
+                paths[name] = base / name
+        if (base / "tokenizer").is_dir():
+            paths["tokenizer"] = base / "tokenizer"
+    for name, p in list(paths.items()):
+        if p is not None and not p.is_dir():
+            raise ExportError(f"the {name} folder {p} (from the run config) does not exist on this machine; "
+                              f"pass --base DIR with a {name}/ subfolder")
+    return paths
+
+
+def _subfolder(p: Path, sub: str) -> Path:
+    """``p`` or, when ``p`` is a whole pipeline folder, ``p/sub``."""
+    if not (p / "config.json").is_file() and (p / sub).is_dir():
+        return p / sub
+    return p
+
+
+def _copy_tree(src: Path, dst: Path, only=None) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and (only is None or only(f.name)):
+            shutil.copy2(f, dst / f.name)
+        elif f.is_dir() and only is None:
+            shutil.copytree(f, dst / f.name)
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return not name.endswith(WEIGHT_SUFFIXES) and name not in ("config.json", "generation_config.json")
+
+
+def _copy_components(paths: dict, out: Path) -> dict:
+    """Copy VAE / text encoder / tokenizer; return their model_index entries and text settings."""
+    index: dict = {"vae": [None, None], "text_encoder": [None, None], "tokenizer": [None, None]}
+    if paths.get("vae") is not None:
+        src = _subfolder(paths["vae"], "vae")
+        cfg = json.loads((src / "config.json").read_text())
+        _copy_tree(src, out / "vae")
+        index["vae"] = ["diffusers", cfg.get("_class_name", "AutoencoderKL")]
+    if paths.get("text_encoder") is not None:
+        root = paths["text_encoder"]
+        src = _subfolder(root, "text_encoder")
+        tok_src = paths.get("tokenizer") or (root / "tokenizer" if (root / "tokenizer").is_dir() else src)
+        cfg = json.loads((src / "config.json").read_text())
+        arch = (cfg.get("architectures") or [None])[0]
+        if arch is None:
+            raise ExportError(f"{src}/config.json names no architecture; save the text encoder with "
+                              f"transformers' save_pretrained")
+        _copy_tree(src, out / "text_encoder")
+        _copy_tree(tok_src, out / "tokenizer", only=_is_tokenizer_file)
+        tok_cfg_file = out / "tokenizer" / "tokenizer_config.json"
+        tok_cfg = json.loads(tok_cfg_file.read_text()) if tok_cfg_file.is_file() else {}
+        tok_class = tok_cfg.get("tokenizer_class")
+        if not tok_class or tok_class.startswith("Auto"):
+            tok_class = "PreTrainedTokenizerFast"
+        index["text_encoder"] = ["transformers", arch]
+        index["tokenizer"] = ["transformers", tok_class]
+    return index
+
+
+def load_transformer(step_dir: Path, config: dict, ema: bool = False, dtype: str = "fp32"):
+    """A :class:`VchitectTransformer3DModel` holding the consolidated weights of ``step_dir``."""
+    from vchitect.models import VchitectTransformer3DModel
+
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is unknown; choose bf16, fp16 or fp32")
+    weights = load_weights(step_dir, ema=ema)
+    model_kwargs = dict(config["model"])
+    model_kwargs["attention_backend"] = "sdpa"  # optional GPU kernels stay a runtime choice
+    try:
+        with torch.device("meta"):
+            model = VchitectTransformer3DModel(**model_kwargs)
+    except TypeError as exc:
+        raise ExportError(f"config.model in {step_dir / CHECKPOINT_META} does not match this vchitect version: "
+                          f"{exc}") from None
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ExportError(f"{step_dir} does not match config.model: missing {missing[:5]}, unexpected "
+                          f"{unexpected[:5]}")
+    model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in weights.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def pipeline_from_checkpoint(ckpt: str | Path, base: str | Path | None = None, ema: bool = False,
+                             dtype: str = "fp32", config: Optional[dict] = None):
+    """A :class:`VchitectPipeline` built in memory from a training checkpoint (no export folder)."""
+    import diffusers
+    import transformers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .pipeline import VchitectPipeline
+
+    step_dir = find_checkpoint(ckpt)
+    config = config or read_meta(step_dir)["config"]
+    paths = _component_paths(config, Path(base) if base is not None else None)
+    model = load_transformer(step_dir, config, ema=ema, dtype=dtype)
+    diff = config.get("diffusion") or {}
+    ref_tokens = int(diff.get("shift_reference_tokens", 0) or 0)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=float(diff.get("shift", 1.0)),
+                                                use_dynamic_shifting=ref_tokens > 0)
+    vae = text_encoder = tokenizer = None
+    if paths.get("vae") is not None:
+        src = _subfolder(paths["vae"], "vae")
+        name = json.loads((src / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+        vae = getattr(diffusers, name).from_pretrained(src).eval()
+    if paths.get("text_encoder") is not None:
+        root = paths["text_encoder"]
+        src = _subfolder(root, "text_encoder")
+        tok_src = paths.get("tokenizer") or (root / "tokenizer" if (root / "tokenizer").is_dir() else src)
+        arch = json.loads((src / "config.json").read_text())["architectures"][0]
+        text_encoder = getattr(transformers, arch).from_pretrained(src).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_src)
+    enc_cfg = (config.get("data") or {}).get("encoders") or {}
+    text_cfg = (config.get("data") or {}).get("text") or {}
+    return VchitectPipeline(model, scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                            text_encoder_kind=enc_cfg.get("text_encoder_kind", "t5"),
+                            max_sequence_length=int(text_cfg.get("max_length", 77)),
+                            shift_reference_tokens=ref_tokens)
+
+
+# ------------------------------------------------------------------ the export
+def export(ckpt: str | Path, out: str | Path, ema: bool = False, dtype: str = "fp32", base: str | Path | None = None,
+           max_shard_size: str = "5GB", overwrite: bool = False, log=print) -> Path:
+    """Export the checkpoint ``ckpt`` to the pipeline folder ``out``; returns ``out``."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is unknown; choose bf16, fp16 or fp32")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
+    step_dir = find_checkpoint(ckpt)
+    meta = read_meta(step_dir)
+    config = meta["config"]
+    paths = _component_paths(config, Path(base) if base is not None else None)
+
+    model = load_transformer(step_dir, config, ema=ema, dtype=dtype)
+
+    shift = float((config.get("diffusion") or {}).get("shift", 1.0))
+    ref_tokens = int((config.get("diffusion") or {}).get("shift_reference_tokens", 0) or 0)
+    enc_cfg = (config.get("data") or {}).get("encoders") or {}
+    text_cfg = (config.get("data") or {}).get("text") or {}
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp / "transformer", safe_serialization=True, max_shard_size=max_shard_size)
+        FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=ref_tokens > 0).save_pretrained(
+            tmp / "scheduler")
+        components = _copy_components(paths, tmp)
+        index = {
+            "_class_name": "VchitectPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "transformer": ["vchitect.models.transformer", "VchitectTransformer3DModel"],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            **components,
+            "text_encoder_kind": enc_cfg.get("text_encoder_kind", "t5"),
+            "max_sequence_length": int(text_cfg.get("max_length", 77)),
+            "shift_reference_tokens": ref_tokens,
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if components["text_encoder"][0] is None:
+        log(f"warning: no text encoder configured; {out} takes prompt_embeds only (pass --base DIR to add one)")
+    log(f"exported {step_dir} ({'EMA' if ema else 'model'} weights, {dtype}, step {meta.get('step')}) to {out}")
+    return out
+
+
+__all__ = ["ExportError", "export", "find_checkpoint", "load_transformer", "load_weights",
+           "pipeline_from_checkpoint", "read_meta"]

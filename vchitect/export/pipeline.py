@@ -1,0 +1,223 @@
+"""``VchitectPipeline``: text-to-video with a Vchitect transformer, in the diffusers format.
+
+Components: ``transformer`` (VchitectTransformer3DModel), ``scheduler``
+(FlowMatchEulerDiscreteScheduler carrying the training shift), optional ``vae`` (absent for
+pixel-space models such as the CPU demo: decode is the identity), ``text_encoder`` + ``tokenizer``
+(encoded the way :mod:`vchitect.models.encoders` encodes them in training).
+
+Loading in a fresh process: diffusers only resolves component libraries that are already
+imported, so import vchitect first::
+
+    import vchitect.export  # registers VchitectPipeline with diffusers
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("exported/")   # or VchitectPipeline.from_pretrained
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils import BaseOutput
+
+from vchitect.diffusion.freeinit import FreeInitConfig, freeinit_sample
+from vchitect.diffusion.sampling import TextCondition, sample
+from vchitect.models import VchitectTransformer3DModel
+from vchitect.models.encoders import TextEncoder
+
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+
+
+@dataclass
+class VchitectPipelineOutput(BaseOutput):
+    """``frames``: np B×F×H×W×3 / pt B×F×3×H×W in [0, 1], a list of lists of PIL images, or latents."""
+
+    frames: Union[np.ndarray, torch.Tensor, list]
+
+
+class VchitectPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
+
+    def __init__(self, transformer: VchitectTransformer3DModel, scheduler: FlowMatchEulerDiscreteScheduler,
+                 vae=None, text_encoder=None, tokenizer=None, text_encoder_kind: str = "t5",
+                 max_sequence_length: int = 77, shift_reference_tokens: int = 0):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                              tokenizer=tokenizer)
+        self.register_to_config(text_encoder_kind=text_encoder_kind, max_sequence_length=max_sequence_length,
+                                shift_reference_tokens=shift_reference_tokens)
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def vae_spatial_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        ratio = getattr(self.vae, "spatial_compression_ratio", None)
+        if isinstance(ratio, int):
+            return ratio
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def vae_temporal_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        ratio = getattr(self.vae, "temporal_compression_ratio", None)
+        return ratio if isinstance(ratio, int) else 1
+
+    @property
+    def _video_vae(self) -> bool:
+        return self.vae is not None and type(self.vae).__name__ not in ("AutoencoderKL", "AsymmetricAutoencoderKL",
+                                                                        "AutoencoderTiny")
+
+    def latent_shape(self, batch: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        s, tf = self.vae_spatial_factor, self.vae_temporal_factor
+        p = self.transformer.config.patch_size
+        if height % (s * p) or width % (s * p):
+            raise ValueError(f"height {height} and width {width} must be multiples of {s * p} "
+                             f"(VAE factor {s} × patch size {p})")
+        frames = (num_frames - 1) // tf + 1 if self._video_vae else num_frames
+        return (batch, self.transformer.config.in_channels, frames, height // s, width // s)
+
+    # ------------------------------------------------------------------ text
+    def encode_prompt(self, prompts: list[str]) -> TextCondition:
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this pipeline has no text encoder/tokenizer; pass prompt_embeds (a TextCondition) "
+                             "or export with --base DIR holding text_encoder/ and tokenizer/")
+        enc = TextEncoder(self.text_encoder, self.tokenizer, self.config.text_encoder_kind,
+                          self.config.max_sequence_length)
+        hidden, mask, pooled = enc.encode(prompts)
+        # A row without any valid token (an empty prompt with a tokenizer that adds no special
+        # token) would leave the text attention without keys; keep its first token, as training does.
+        empty = ~mask.any(1)
+        if bool(empty.any()):
+            mask = mask.clone()
+            mask[empty, 0] = True
+        return TextCondition(hidden.float(), pooled.float(), mask)
+
+    # ------------------------------------------------------------------ schedule
+    def sigmas(self, num_inference_steps: int, tokens: int, device) -> torch.Tensor:
+        """Shifted noise levels 1 → 0 (num_inference_steps + 1) from the scheduler's config."""
+        base = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+        kwargs = {}
+        if self.scheduler.config.use_dynamic_shifting:
+            ref = self.config.shift_reference_tokens or tokens
+            kwargs["mu"] = math.log(self.scheduler.config.shift * math.sqrt(tokens / ref))
+        self.scheduler.set_timesteps(sigmas=base.tolist(), device=device, **kwargs)
+        return self.scheduler.sigmas.to(torch.float32).cpu()
+
+    # ------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """B×C×F×h×w latents → B×3×F×H×W pixels in [-1, 1] (identity without a VAE)."""
+        if self.vae is None:
+            return latents
+        cfg = self.vae.config
+        z = latents.float()
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        if mean is not None and std is not None:
+            z = z * torch.tensor(std, device=z.device).view(1, -1, 1, 1, 1) + \
+                torch.tensor(mean, device=z.device).view(1, -1, 1, 1, 1)
+        else:
+            z = z / float(cfg.get("scaling_factor", 1.0) or 1.0) + float(cfg.get("shift_factor", 0.0) or 0.0)
+        z = z.to(self.vae.dtype)
+        if self._video_vae:
+            return self.vae.decode(z).sample.float()
+        B, C, F, h, w = z.shape
+        frames = z.permute(0, 2, 1, 3, 4).reshape(B * F, C, h, w)
+        out = torch.cat([self.vae.decode(c).sample for c in frames.split(8)]).float()
+        return out.reshape(B, F, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    @staticmethod
+    def to_output(video: torch.Tensor, output_type: str):
+        frames = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).cpu()  # B×F×3×H×W in [0, 1]
+        if output_type == "pt":
+            return frames
+        arr = frames.permute(0, 1, 3, 4, 2).numpy()  # B×F×H×W×3
+        if output_type == "np":
+            return arr
+        from PIL import Image
+
+        return [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in clip] for clip in arr]
+
+    # ------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, list[str], None] = None, negative_prompt: Union[str, list[str], None] = None,
+                 num_frames: int = 16, height: Optional[int] = None, width: Optional[int] = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 6.0,
+                 generator: Optional[torch.Generator] = None, latents: Optional[torch.Tensor] = None,
+                 prompt_embeds: Optional[TextCondition] = None,
+                 negative_prompt_embeds: Optional[TextCondition] = None, output_type: str = "np",
+                 return_dict: bool = True, batch_cfg: bool = True, fastercache=None,
+                 freeinit: Optional[FreeInitConfig] = None, callback=None):
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("pass a prompt (or prompt_embeds)")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self.encode_prompt(prompts)
+        B = prompt_embeds.batch
+        use_cfg = guidance_scale != 1.0
+        if use_cfg and negative_prompt_embeds is None:
+            neg = negative_prompt if negative_prompt is not None else ""
+            negs = [neg] * B if isinstance(neg, str) else list(neg)
+            if len(negs) != B:
+                raise ValueError(f"{len(negs)} negative prompts for {B} prompts")
+            negative_prompt_embeds = self.encode_prompt(negs)
+
+        scale = self.vae_spatial_factor
+        height = height or self.transformer.config.sample_size * scale
+        width = width or self.transformer.config.sample_size * scale
+        shape = self.latent_shape(B, num_frames, height, width)
+        device = self._execution_device
+        if latents is None:
+            gen_device = generator.device if generator is not None else "cpu"
+            latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        latents = latents.to(device, torch.float32)
+        p = self.transformer.config.patch_size
+        tokens = shape[2] * (shape[3] // p) * (shape[4] // p)
+        sigmas = self.sigmas(num_inference_steps, tokens, device)
+
+        cond = _to(prompt_embeds, device)
+        uncond = _to(negative_prompt_embeds, device) if use_cfg else None
+
+        def run(z: torch.Tensor) -> torch.Tensor:
+            return sample(self.transformer, z, cond, uncond, sigmas=sigmas, guidance_scale=guidance_scale,
+                          batch_cfg=batch_cfg, fastercache=fastercache, callback=callback)
+
+        x0 = freeinit_sample(run, latents, freeinit, generator) if freeinit is not None else run(latents)
+        if output_type == "latent":
+            frames = x0
+        else:
+            frames = self.to_output(self.decode_latents(x0), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return VchitectPipelineOutput(frames=frames)
+
+
+def _to(c: Optional[TextCondition], device) -> Optional[TextCondition]:
+    if c is None:
+        return None
+    return TextCondition(c.hidden.to(device), c.pooled.to(device), None if c.mask is None else c.mask.to(device))
+
+
+def register_with_diffusers() -> None:
+    """Make ``DiffusionPipeline.from_pretrained`` find ``VchitectPipeline`` by the name in model_index.json
+    (diffusers looks pipeline classes up on its own top-level module)."""
+    import diffusers
+
+    if getattr(diffusers, "VchitectPipeline", None) is not VchitectPipeline:
+        setattr(diffusers, "VchitectPipeline", VchitectPipeline)
+
+
+register_with_diffusers()
+
+__all__ = ["VchitectPipeline", "VchitectPipelineOutput", "register_with_diffusers"]
