@@ -1,0 +1,327 @@
+"""End-to-end curation on Ray (2 CPUs): synthetic corpus, S3 output, bad inputs, kill-and-resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import yaml
+
+from data_pipeline import synthetic
+from data_pipeline.config import load_curate_config
+from data_pipeline.testing import save_tiny_blip, write_bad_inputs
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, "configs", "curate", "synthetic.yaml")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for the module: 2 CPUs, like the smallest machine we support."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("raw"))
+    truth = synthetic.generate_corpus(root, n=3, seed=1)
+    return root, truth
+
+
+@pytest.fixture(scope="module")
+def blip(tmp_path_factory):
+    return save_tiny_blip(str(tmp_path_factory.mktemp("models") / "tiny-blip"))
+
+
+def _overrides(root, out, blip):
+    # The VLM is configured but every clip of the synthetic manifest has a source caption.
+    return [f"input.path={root}/manifest.jsonl", f"output.path={out}", f"caption.vlm_path={blip}",
+            "caption.max_new_tokens=6"]
+
+
+@pytest.fixture(scope="module")
+def curated(ray_cluster, corpus, blip, tmp_path_factory):
+    from data_pipeline.pipeline import run
+
+    root, truth = corpus
+    out = str(tmp_path_factory.mktemp("curated") / "out")
+    cfg = load_curate_config(CONFIG, _overrides(root, out, blip))
+    t0 = time.time()
+    stats = run(cfg, progress=False)
+    return {"out": out, "stats": stats, "truth": truth, "root": root, "seconds": time.time() - t0}
+
+
+def _rejected(out):
+    with open(os.path.join(out, "rejected.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _samples(out):
+    """key → {ext: bytes} over every shard in index order."""
+    index = json.load(open(os.path.join(out, "index.json")))
+    samples = {}
+    for shard in index["shards"]:
+        with tarfile.open(os.path.join(out, shard["name"])) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def _truth_shot(truth, uri, start, end):
+    name = os.path.basename(uri).replace("_copy", "")
+    shots = [s for s in truth["shots"] if s["file"] == name]
+    return max(shots, key=lambda s: min(end, s["end"]) - max(start, s["start"]))
+
+
+# ----------------------------------------------------------------------------- synthetic corpus
+
+
+def test_expected_clips_are_kept(curated):
+    out, truth, stats = curated["out"], curated["truth"], curated["stats"]
+    assert os.path.exists(os.path.join(out, "_SUCCESS"))
+    samples = _samples(out)
+    assert len(samples) == truth["expected_clips"] == stats["counts"]["clips_written"] == 7
+    index = json.load(open(os.path.join(out, "index.json")))
+    assert [s["name"] for s in index["shards"]] == [f"shard-{i:06d}.tar" for i in range(len(index["shards"]))]
+    assert sum(s["nsamples"] for s in index["shards"]) == 7
+    for key, members in samples.items():
+        assert set(members) == {"mp4", "json", "txt"}
+        assert all(ch.isalnum() or ch in "_-" for ch in key)
+
+
+def test_each_planted_defect_is_rejected_by_the_right_filter(curated):
+    out, truth = curated["out"], curated["truth"]
+    rejected = _rejected(out)
+    got = {}
+    for r in rejected:
+        name = os.path.basename(r["uri"])
+        if r["clip"] is None:
+            got[(name, None)] = f"{r['stage']}.{r['reason']}"
+        else:
+            shot = _truth_shot(truth, r["uri"], r["start"], r["end"])
+            got[(name, shot["shot"])] = f"{r['stage']}.{r['reason']}"
+    shots = {s["shot"]: s["expected"] for s in truth["shots"] if s["file"] == "defects.mp4"}
+    assert got[("defects.mp4", [k for k, v in shots.items() if v == "motion"][0])] == "filter.motion"
+    assert got[("defects.mp4", [k for k, v in shots.items() if v == "blur"][0])] == "filter.blur"
+    assert got[("defects.mp4", [k for k, v in shots.items() if v == "ocr"][0])] == "filter.ocr"
+    n_shots = sum(1 for s in truth["shots"] if s["file"] == "video_0000.mp4")
+    for i in range(n_shots):
+        assert got[("video_0000_copy.mp4", i)] == "dedup.duplicate"
+    for name in ("corrupt_truncated.mp4", "corrupt_empty.mp4", "corrupt_text.mp4"):
+        assert got[(name, None)].startswith("probe."), name
+    # nothing else was rejected: every clean shot survived
+    assert len(rejected) == 3 + n_shots + 3
+    stats = curated["stats"]
+    assert stats["rejected_by_reason"] == {"dedup.duplicate": n_shots, "filter.blur": 1, "filter.motion": 1,
+                                           "filter.ocr": 1, "probe.empty_file": 1, "probe.not_a_video": 2}
+
+
+def test_captions_match_the_shapes(curated):
+    out, truth = curated["out"], curated["truth"]
+    for key, m in _samples(out).items():
+        meta = json.loads(m["json"])
+        shot = _truth_shot(truth, meta["source_uri"], meta["start"], meta["end"])
+        assert m["txt"].decode() == shot["caption"] == meta["caption"]
+        assert meta["caption_source"] == "source"
+        assert shot["color"] in synthetic.COLORS and shot["shape"] in synthetic.SHAPES
+        assert {"sharpness", "motion", "text_area", "nsfw"} <= set(meta["scores"])
+
+
+def test_shards_read_back_with_webdataset_and_ray(curated):
+    import av
+    import ray
+    import webdataset as wds
+
+    out = curated["out"]
+    index = json.load(open(os.path.join(out, "index.json")))
+    urls = [os.path.join(out, s["name"]) for s in index["shards"]]
+    n = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        assert sample["__key__"] == meta["key"]
+        with av.open(io.BytesIO(sample["mp4"])) as c:
+            frames = sum(1 for _ in c.decode(video=0))
+        assert frames == meta["num_frames"] >= 12
+        assert sample["txt"].decode() == meta["caption"]
+        n += 1
+    assert n == 7
+    ds = ray.data.read_webdataset(urls, decoder=None)
+    rows = ds.take_all()
+    assert len(rows) == 7
+    assert {"mp4", "json", "txt"} <= set(rows[0])
+
+
+def test_report_prints_counts_and_writes_histograms(curated, tmp_path, capsys):
+    from data_pipeline.cli import main
+
+    assert main(["report", curated["out"], "--plots", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "clips_written    7" in text and "motion" in text and "duplicate" in text
+    pngs = sorted(os.listdir(tmp_path))
+    assert "hist_motion.png" in pngs and "hist_sharpness.png" in pngs
+    assert all(open(tmp_path / p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+# ----------------------------------------------------------------------------- S3
+
+
+def _s3fs(s3):
+    import s3fs
+
+    return s3fs.S3FileSystem(key=s3["key"], secret=s3["secret"],
+                             client_kwargs={"endpoint_url": s3["endpoint_url"], "region_name": s3["region"]})
+
+
+def _s3_overrides(s3):
+    return [f"storage.endpoint_url={s3['endpoint_url']}", f"storage.region={s3['region']}"]
+
+
+def _with_credentials(cfg, s3):
+    cfg.storage.options = {"key": s3["key"], "secret": s3["secret"]}
+    return cfg
+
+
+def test_s3_input_prefix_and_s3_output(ray_cluster, corpus, blip, s3_server):
+    from data_pipeline.pipeline import run
+
+    root, truth = corpus
+    fs = _s3fs(s3_server)
+    fs.mkdir("curate-s3")
+    for name in ("video_0000.mp4", "video_0001.mp4"):
+        fs.put_file(os.path.join(root, "videos", name), f"curate-s3/raw/{name}")
+    cfg = load_curate_config(CONFIG, ["input.path=s3://curate-s3/raw", "output.path=s3://curate-s3/shards",
+                                      f"caption.vlm_path={blip}", "caption.max_new_tokens=6",
+                                      *_s3_overrides(s3_server)])
+    stats = run(_with_credentials(cfg, s3_server), progress=False)
+    expected = sum(1 for s in truth["shots"] if s["file"] in ("video_0000.mp4", "video_0001.mp4"))
+    assert stats["counts"]["clips_written"] == expected
+    assert fs.exists("curate-s3/shards/_SUCCESS")
+    index = json.loads(fs.cat_file("curate-s3/shards/index.json"))
+    n = 0
+    for shard in index["shards"]:
+        with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"curate-s3/shards/{shard['name']}"))) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(m).read())
+                    assert meta["source_uri"].startswith("s3://curate-s3/raw/")
+                    assert meta["caption_source"] == "vlm:tiny-blip"  # no source captions on a bare prefix
+                    n += 1
+    assert n == expected
+    # credentials never reach the outputs
+    for name in ("stats.json", "index.json", "rejected.jsonl"):
+        assert s3_server["secret"].encode() not in fs.cat_file(f"curate-s3/shards/{name}")
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_are_all_accounted_for(ray_cluster, corpus, blip, s3_server, tmp_path):
+    from data_pipeline.pipeline import run
+
+    root, _ = corpus
+    bad = tmp_path / "bad inputs"
+    expected = write_bad_inputs(str(bad), os.path.join(root, "videos", "video_0001.mp4"))
+    good = bad / "good $(video) 'one'.mp4"
+    good.write_bytes(open(os.path.join(root, "videos", "video_0002.mp4"), "rb").read())
+    fs = _s3fs(s3_server)
+    fs.mkdir("curate-bad")
+    rows = [str(bad / n) for n in expected] + [str(bad / "no such file.mp4"), "s3://curate-bad/missing.mp4",
+                                                str(good)]
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["uri"])
+        w.writerows([r] for r in rows)
+    cfg = load_curate_config(CONFIG, [f"input.path={manifest}", f"output.path={tmp_path / 'out'}",
+                                      f"caption.vlm_path={blip}", "caption.max_new_tokens=6",
+                                      *_s3_overrides(s3_server)])
+    stats = run(_with_credentials(cfg, s3_server), progress=False)
+    out = str(tmp_path / "out")
+    assert os.path.exists(os.path.join(out, "_SUCCESS"))
+    reasons = {os.path.basename(r["uri"]): r["reason"] for r in _rejected(out) if r["clip"] is None}
+    want = dict(expected, **{"no such file.mp4": "unreadable", "missing.mp4": "missing"})
+    assert reasons == want
+    assert stats["counts"]["inputs"] == len(rows)
+    samples = _samples(out)
+    assert len(samples) == 2 and all(json.loads(m["json"])["caption_source"] == "vlm:tiny-blip"
+                                     for m in samples.values())
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _cli(cfg_path, address):
+    return subprocess.Popen([sys.executable, "-m", "data_pipeline.cli", "run", cfg_path, "--no-progress",
+                             "--address", address], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def _wait_for(pred, proc, timeout=120.0):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None:
+            return False
+        if time.time() - t0 > timeout:
+            raise TimeoutError("the run did not get there in time")
+        time.sleep(0.005)
+    return True
+
+
+def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, blip, tmp_path):
+    root, ref = curated["root"], curated["out"]
+    out = tmp_path / "resumed"
+    cfg = {"include": CONFIG}
+    for o in _overrides(root, str(out), blip) + ["ray.batch_size=1"]:
+        section, key = o.split("=", 1)[0].split(".")
+        cfg.setdefault(section, {})[key] = yaml.safe_load(o.split("=", 1)[1])
+    cfg_path = tmp_path / "resume.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    done = out / "_work" / "done"
+    n_inputs = curated["stats"]["counts"]["inputs"]
+
+    # 1. kill while inputs are being processed
+    p = _cli(str(cfg_path), ray_cluster)
+    assert _wait_for(lambda: done.exists() and any(done.iterdir()), p), p.communicate()[0].decode()[-3000:]
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    first = {f.name: f.stat().st_mtime_ns for f in done.iterdir() if f.suffix == ".pkl"}
+    assert 0 < len(first) < n_inputs
+    assert not (out / "_SUCCESS").exists()
+
+    # 2. rerun; kill once shards appear
+    p = _cli(str(cfg_path), ray_cluster)
+    _wait_for(lambda: (out / "shard-000000.tar").exists(), p)
+    p.send_signal(signal.SIGKILL)
+    log2 = p.communicate()[0].decode()
+    assert f"{len(first)} already finished" in log2, log2[-3000:]
+
+    # 3. rerun to the end
+    p = _cli(str(cfg_path), ray_cluster)
+    log3 = p.communicate(timeout=300)[0].decode()
+    assert p.returncode == 0, log3[-3000:]
+
+    # inputs finished before a kill were not processed again
+    for name, mtime in first.items():
+        assert (done / name).stat().st_mtime_ns == mtime
+    names = sorted(n for n in os.listdir(ref) if n.endswith(".tar")) + ["index.json", "rejected.jsonl"]
+    assert sorted(n for n in os.listdir(out) if n.endswith(".tar")) == names[:-2]
+    for n in names:
+        assert (out / n).read_bytes() == open(os.path.join(ref, n), "rb").read(), n
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["counts"] == curated["stats"]["counts"]
+    assert stats["rejected_by_reason"] == curated["stats"]["rejected_by_reason"]
+    assert stats["this_run"]["resumed_inputs"] + stats["this_run"]["processed_inputs"] == n_inputs
+    assert stats["this_run"]["resumed_inputs"] >= len(first)
