@@ -97,6 +97,26 @@ def test_frames_sampled_at_target_fps():
     assert np.allclose(np.diff(levels), 2.0, atol=0.2), levels
 
 
+@pytest.mark.parametrize("size,bucket", [((854, 480), (480, 832)),   # crop clear of the tail
+                                         ((342, 256), (256, 336)),   # crop reaches the tail: rgb24
+                                         ((96, 64), (64, 96))])      # nothing cropped
+def test_planar_frames_match_rgb24(size, bucket):
+    import av
+    import io
+
+    from vchitect.data.decode import _to_planar
+
+    w, h = size
+    with av.open(io.BytesIO(make_clip(w, h, 2, pattern="texture"))) as c:
+        frame = next(c.decode(c.streams.video[0]))
+        ref = frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
+    bh, bw = bucket
+    out = np.zeros((3, bh, bw), np.uint8)
+    _to_planar(frame, w, h, Bucket(bh, bw, 1), out)
+    top, left = (h - bh) // 2, (w - bw) // 2
+    assert np.array_equal(out, ref[top:top + bh, left:left + bw].transpose(2, 0, 1))
+
+
 # -- decode mode: shapes, captions ------------------------------------------------------------
 
 def test_decode_batches_have_bucket_shapes_and_captions_match_keys(video_dir):

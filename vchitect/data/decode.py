@@ -49,6 +49,25 @@ def _crop(img: np.ndarray, bucket: Bucket) -> np.ndarray:  # H×W×3 → bh×bw�
     return img[top:top + bucket.height, left:left + bucket.width]
 
 
+def _to_planar(frame, sw: int, sh: int, bucket: Bucket, out: np.ndarray) -> None:
+    """Resize ``frame`` to sw×sh and write its centre crop into ``out`` (3×H×W, RGB).
+
+    swscale converts straight to planar RGB (``gbrp``: planes G, B, R), which avoids an interleaved
+    → planar transpose. Its unscaled fast path leaves the last ``sw % 16`` columns unreliable, so a
+    crop that reaches them goes through ``rgb24`` instead.
+    """
+    top, left = (sh - bucket.height) // 2, (sw - bucket.width) // 2
+    bottom, right = top + bucket.height, left + bucket.width
+    if sw % 16 and right > sw - sw % 16:
+        out[:] = frame.reformat(width=sw, height=sh, format="rgb24").to_ndarray()[
+            top:bottom, left:right].transpose(2, 0, 1)
+        return
+    planar = frame.reformat(width=sw, height=sh, format="gbrp")
+    for channel, plane in zip((1, 2, 0), planar.planes):
+        rows = np.frombuffer(plane, np.uint8).reshape(sh, plane.line_size)
+        out[channel] = rows[top:bottom, left:right]
+
+
 def frame_indices(info: VideoInfo, frames: int, fps: float, rng: np.random.Generator) -> list[int]:
     """Source frame indices for ``frames`` frames at ``fps``, starting at a random offset."""
     need = (frames - 1) / fps
@@ -90,25 +109,29 @@ def decode_video(data: bytes, choose: Callable[[VideoInfo], Optional[Bucket]], f
         else:
             wanted = frame_indices(info, bucket.frames, fps, rng)
         sw, sh = _cover_size(w, h, bucket)
-        last, got = max(wanted), {}
+        slots: dict[int, list[int]] = {}  # source frame → positions in the output clip
+        for k, i in enumerate(wanted):
+            slots.setdefault(i, []).append(k)
+        clip = np.empty((3, len(wanted), bucket.height, bucket.width), np.uint8)  # 3×F×H×W
+        last, got = max(wanted), 0
         try:
             for i, frame in enumerate(container.decode(stream)):
-                if i in wanted and i not in got:
-                    got[i] = _crop(frame.reformat(width=sw, height=sh, format="rgb24").to_ndarray(), bucket)
+                if i in slots:
+                    _to_planar(frame, sw, sh, bucket, clip[:, slots[i][0]])
+                    for k in slots[i][1:]:
+                        clip[:, k] = clip[:, slots[i][0]]
+                    got += 1
                 if i >= last:
                     break
-        except BadSample:
-            raise
         except Exception as exc:
-            raise BadSample("undecodable", f"decode failed after {len(got)} frames: "
+            raise BadSample("undecodable", f"decode failed after {got} frames: "
                             f"{type(exc).__name__}") from None
-        if len(got) < len(set(wanted)):
-            raise BadSample("undecodable", f"clip ended before frame {last} ({len(got)} of "
-                            f"{len(set(wanted))} sampled frames decoded)")
+        if got < len(slots):
+            raise BadSample("undecodable", f"clip ended before frame {last} ({got} of "
+                            f"{len(slots)} sampled frames decoded)")
     finally:
         container.close()
-    clip = np.stack([got[i] for i in wanted])  # F×H×W×3
-    return np.ascontiguousarray(clip.transpose(3, 0, 1, 2)), bucket
+    return clip, bucket
 
 
 def decode_image(data: bytes, choose: Callable[[VideoInfo], Optional[Bucket]]) -> tuple[np.ndarray, Bucket]:

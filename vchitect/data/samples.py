@@ -133,6 +133,7 @@ def collate(samples: list[Sample]) -> dict:
     batch = {"captions": [s.caption for s in samples], "keys": [s.key for s in samples],
              "bucket": (b.height, b.width, b.frames)}
     for name in samples[0].arrays:
-        batch[name] = torch.from_numpy(np.stack([s.arrays[name] for s in samples]))
+        arrays = [s.arrays[name] for s in samples]
+        batch[name] = torch.from_numpy(arrays[0][None] if len(arrays) == 1 else np.stack(arrays))
     return batch
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -13,7 +14,7 @@ import numpy as np
 def make_clip(width: int, height: int, frames: int, fps: int = 24, pattern: str = "level",
               crf: int = 23) -> bytes:
     """An H.264 mp4. ``level``: frame i is flat grey 8·i mod 256 (its index can be read back from
-    the decoded pixels); ``noise``: smooth moving texture (realistic bitrate for benchmarks)."""
+    the decoded pixels); anything else: a smooth moving texture, varied by the name (realistic bitrate for benchmarks)."""
     import av
 
     buf = io.BytesIO()
@@ -22,6 +23,7 @@ def make_clip(width: int, height: int, frames: int, fps: int = 24, pattern: str 
         st.width, st.height, st.pix_fmt = width, height, "yuv420p"
         st.options = {"crf": str(crf), "preset": "veryfast"}
         yy, xx = np.mgrid[0:height, 0:width]
+        xx = xx + zlib.crc32(pattern.encode()) % 97  # different patterns, different textures
         for i in range(frames):
             if pattern == "level":
                 img = np.full((height, width, 3), (8 * i) % 256, np.uint8)
