@@ -4,6 +4,8 @@
     vchitect config describe                      every key, its type, default and meaning
     vchitect model-info CONFIG --frames F --height H --width W [key=value …]
                                                   parameter count and step FLOPs
+    vchitect train CONFIG [key=value …] [--resume auto|none|DIR]
+    vchitect launch --nproc N train CONFIG …      N local ranks (signals forwarded)
     vchitect demo                                 forward + backward smoke run of the demo model
 """
 
@@ -78,6 +80,23 @@ def cmd_model_info(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.resume is not None:
+        cfg.train.resume = args.resume
+    return train(cfg)
+
+
+def cmd_launch(args) -> int:
+    from launch.local import launch
+
+    if not args.command_argv:
+        raise SystemExit("vchitect launch: give the command to run, e.g. `vchitect launch --nproc 2 train CONFIG`")
+    return launch(args.nproc, args.command_argv)
+
+
 def cmd_demo(args) -> int:
     from .smoke import run_smoke
 
@@ -112,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.add_argument("--vae-temporal", type=int, default=1,
                         help="temporal VAE compression (default 1: Vchitect-2.0 encodes frames one by one)")
     p_info.set_defaults(func=cmd_model_info)
+
+    p_train = sub.add_parser("train", help="train (one process, or one rank under torchrun / vchitect launch)")
+    p_train.add_argument("config", help="run config, e.g. configs/train/demo.yaml")
+    p_train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 parallel.sp=2")
+    p_train.add_argument("--resume", default=None,
+                         help="auto (default: newest complete checkpoint), none, or a step-… folder")
+    p_train.set_defaults(func=cmd_train)
+
+    p_launch = sub.add_parser("launch", help="run a vchitect command as N local ranks (CPU or GPUs)")
+    p_launch.add_argument("--nproc", type=int, required=True, help="number of ranks (processes)")
+    p_launch.add_argument("command_argv", nargs=argparse.REMAINDER, help="the command, e.g. train CONFIG …")
+    p_launch.set_defaults(func=cmd_launch)
 
     p_demo = sub.add_parser("demo", help="run the demo (currently: forward + backward of the demo model)")
     p_demo.add_argument("--config", default=None, help="model config (default: configs/model/demo.yaml)")

@@ -70,11 +70,6 @@ class ModelConfig:
                                      "Engine when the `gpu` extra is installed")
 
 
-@dataclass
-class Config:
-    """The whole run. Sections are added here as the project grows."""
-
-    model: ModelConfig = setting(default_factory=ModelConfig, help="the transformer")
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,8 +137,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema=Config):
-    """Read ``path`` (optional), apply ``overrides`` and build a validated ``schema`` instance."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema=None):
+    """Read ``path`` (optional), apply ``overrides`` and build a validated ``schema`` (default
+    :class:`Config`) instance."""
+    schema = schema or Config
     data = _read_yaml(Path(path)) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     return from_dict(schema, data)
@@ -258,8 +255,9 @@ def to_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def describe(schema=Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+def describe(schema=None, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key, type, default, help) for every leaf field: the reference table in docs/configs.md."""
+    schema = schema or Config
     rows = []
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
@@ -275,3 +273,46 @@ def describe(schema=Config, prefix: str = "") -> list[tuple[str, str, str, str]]
             help_text += f" ({' | '.join(map(str, allowed))})"
         rows.append((prefix + f.name, _type_name(tp), repr(default), help_text))
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The whole tree. The other sections live beside the code they configure; their modules import
+# `setting` and `ConfigError` from this one, which are defined above, so importing them last is safe.
+# --------------------------------------------------------------------------------------------
+
+from vchitect.data.config import DataConfig  # noqa: E402
+from vchitect.diffusion.objective import DiffusionConfig  # noqa: E402
+from vchitect.parallel.config import ParallelConfig  # noqa: E402
+from vchitect.train.config import TrainConfig  # noqa: E402
+
+
+@dataclass
+class Config:
+    """The whole run: model, parallel layout, data, objective and training loop."""
+
+    model: ModelConfig = setting(default_factory=ModelConfig, help="the transformer")
+    parallel: ParallelConfig = setting(default_factory=ParallelConfig, help="parallel layout and memory options")
+    data: DataConfig = setting(default_factory=lambda: DataConfig(source="synthetic"), help="training data")
+    diffusion: DiffusionConfig = setting(default_factory=DiffusionConfig, help="rectified-flow objective")
+    train: TrainConfig = setting(default_factory=TrainConfig, help="training loop, checkpoints, logging")
+
+    def validate(self) -> None:
+        heads, p = self.model.num_attention_heads, self.parallel
+        if heads % (p.tp * p.sp):
+            raise ConfigError(f"parallel.tp × parallel.sp = {p.tp * p.sp} must divide "
+                              f"model.num_attention_heads={heads}")
+
+    def check_data_fits_model(self) -> None:
+        """Before training: the data must produce what the model takes. Synthetic data takes its
+        shapes from the model; shard data must agree with it (the message names both keys)."""
+        m, d = self.model, self.data
+        if d.source == "synthetic":
+            d.text.dim, d.text.pooled_dim = m.joint_attention_dim, m.pooled_projection_dim
+            d.latent_channels, d.patch_size = m.in_channels, m.patch_size
+        pairs = [("data.text.dim", d.text.dim, "model.joint_attention_dim", m.joint_attention_dim),
+                 ("data.text.pooled_dim", d.text.pooled_dim, "model.pooled_projection_dim", m.pooled_projection_dim),
+                 ("data.latent_channels", d.latent_channels, "model.in_channels", m.in_channels),
+                 ("data.patch_size", d.patch_size, "model.patch_size", m.patch_size)]
+        for a, va, b, vb in pairs:
+            if va != vb:
+                raise ConfigError(f"{a}={va} does not match {b}={vb}; set both to the same value")

@@ -1,0 +1,340 @@
+"""The training loop: read it top to bottom.
+
+    vchitect train CONFIG [overrides]                     (one process, or under torchrun)
+    vchitect launch --nproc N train CONFIG [overrides]    (N local processes)
+
+Set-up order: validate the config (before any process group exists) → process group → model →
+initial weights → trainable set → parallelize (TP → SP → AC → compile → FSDP) → optimizer,
+schedule, EMA → data → resume. Each step: micro-batches (noise, timesteps and text dropout drawn
+from a generator keyed on seed, data-parallel rank and step, so resumes repeat them exactly) →
+gradient clip → skip if non-finite → optimizer, schedule, EMA → metrics → checkpoint → preemption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from vchitect.config import Config, to_dict, to_yaml
+from vchitect.diffusion.objective import (NullText, drop_text, rectified_flow_loss, sample_noise, sample_timesteps)
+from vchitect.models import VchitectTransformer3DModel
+from vchitect.models.flops import train_step_flops
+from vchitect.parallel import generator_for_rank, manual_seed, parallelize
+
+from .checkpoint import Checkpointer, read_meta, rng_state, set_rng_state
+from .ema import EMA
+from .metrics import MetricWriter, device_peak_flops, peak_memory_gib
+from .optim import apply_trainable, build_optimizer, build_scheduler, clip_grad_norm_
+from .signals import EXIT_PREEMPTED, PreemptionFlag
+
+log = logging.getLogger("vchitect.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device_type: str) -> None:
+    """Join the process group of torchrun / `vchitect launch` / Slurm, or make a 1-rank one."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+
+
+def resolve_device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
+    return choice
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        tc = cfg.train
+        # --- everything that can be wrong with the config fails here, before any process group
+        cfg.check_data_fits_model()
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        self.dims = cfg.parallel.dims(world_size=world, num_heads=cfg.model.num_attention_heads)
+        self.device_type = resolve_device(tc.device)
+
+        init_distributed(self.device_type)
+        self.rank = dist.get_rank()
+        self.device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if self.device_type == "cuda"
+                       else torch.device("cpu"))
+        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.console = Console()
+        self.out = Path(tc.output_dir)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
+
+        # --- model: identical initialisation on every rank, then sharded
+        torch.manual_seed(tc.seed)
+        self.model = VchitectTransformer3DModel(**dataclasses.asdict(cfg.model))
+        if tc.init_from:
+            self._load_initial_weights(tc.init_from)
+        self.trainable = apply_trainable(self.model, tc.trainable)
+        self.model.to(self.device)
+        self.model.train()
+        parallelize(self.model, self.dims, cfg.parallel, device_type=self.device_type)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+        self.optimizer = build_optimizer(self.model, tc, self.device_type)
+        self.scheduler = build_scheduler(self.optimizer, tc)
+        self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
+
+        # --- data
+        from vchitect.data import build_loader
+
+        self.loader = build_loader(cfg.data, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp)
+        self.vae, self.text_encoder = self._load_encoders()
+        self.null_text = self._null_text()
+
+        # --- checkpoints, metrics, signals
+        self.checkpointer = Checkpointer(self.out / "checkpoints", tc.keep_checkpoints,
+                                         async_save=tc.async_checkpoint and self.device_type == "cuda",
+                                         simulate_crash=tc.simulate_crash)
+        self.step = 0
+        self.writer = MetricWriter(self.out, self.rank == 0, tc.tensorboard, tc.wandb.mode, tc.wandb.project,
+                                   to_dict(cfg), printer=self.console.print if tc.progress else print)
+        self.peak_flops = device_peak_flops(tc.peak_flops, self.device_type)
+        self.preemption = PreemptionFlag()
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self.resumed_from: Optional[Path] = None
+        self._resume()
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _load_initial_weights(self, spec: str) -> None:
+        from vchitect.models.weights import init_from_sd3, load_vchitect2
+
+        kind, path = spec.split(":", 1)
+        if kind == "vchitect2":
+            load_vchitect2(path, self.model)
+        else:
+            init_from_sd3(path, self.model)
+
+    def _load_encoders(self):
+        enc = self.cfg.data.encoders
+        if not (enc.vae_path or enc.text_encoder_path):
+            return None, None
+        from vchitect.models import encoders
+
+        vae = encoders.load_vae(enc, self.device) if enc.vae_path else None
+        text = encoders.load_text_encoder(enc, self.device) if enc.text_encoder_path else None
+        return vae, text
+
+    def _null_text(self) -> NullText:
+        d = self.cfg.data.text
+        if self.text_encoder is not None:
+            text, mask, pooled = self.text_encoder.encode([""])
+            return NullText(text[0].float().cpu(), mask[0].cpu(), pooled[0].float().cpu())
+        return NullText.zeros(d.max_length, d.dim, d.pooled_dim)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd,
+                 "lr_scheduler": self.scheduler.state_dict(), "step": self.step,
+                 f"dataloader_dp{self.dims.dp_rank}": self.loader.state_dict(),
+                 f"rng_rank{self.rank}": rng_state()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def save_checkpoint(self) -> None:
+        meta = {"step": self.step, "world_size": dist.get_world_size(), "layout": self.dims.describe(),
+                "config": to_dict(self.cfg)}
+        self.checkpointer.save(self.step, self._state(), meta)
+
+    def _resume(self) -> None:
+        path = self.checkpointer.resolve_resume(self.cfg.train.resume)
+        if path is None:
+            return
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state()
+        own_loader_key = f"dataloader_dp{self.dims.dp_rank}"
+        state = self.checkpointer.load(path, state)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+        meta = read_meta(path)
+        same_world = meta["world_size"] == dist.get_world_size()
+        loader_state = state.get(own_loader_key)
+        if loader_state is None:  # fewer DP ranks saved than now: take rank 0's and restart its epoch
+            loader_state = self.checkpointer.load(path, {"dataloader_dp0": self.loader.state_dict()})[
+                "dataloader_dp0"]
+        self.loader.load_state_dict(loader_state)
+        rng_key = f"rng_rank{self.rank}"
+        if same_world and rng_key in state:
+            set_rng_state(state[rng_key])
+        self.resumed_from = path
+        log.info("resumed from %s at step %d (saved on %d ranks as %s)", path, self.step, meta["world_size"],
+                 meta.get("layout"))
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, batches: list[dict]) -> dict:
+        """Forward/backward over the micro-batches, clip, and step unless the result is non-finite."""
+        from vchitect.data import encode_batch
+
+        tc, accum = self.cfg.train, len(batches)
+        loss_sum = torch.zeros((), device=self.device)
+        flops = 0.0
+        samples = tokens = 0
+        manual_seed(tc.seed, self.dims, self.step)  # dropout: equal within an SP/TP group
+        for micro, batch in enumerate(batches):
+            batch = encode_batch(batch, self.vae, self.text_encoder, self.device)
+            g = generator_for_rank(tc.seed, self.dims, step=self.step * accum + micro)
+            x0 = batch["latents"]
+            B, _, Fr, H, W = x0.shape
+            p = self.cfg.model.patch_size
+            tok = Fr * (H // p) * (W // p)
+            batch = drop_text(batch, self.null_text, self.cfg.diffusion.text_dropout, g)
+            t = sample_timesteps(self.cfg.diffusion, B, tok, g)
+            noise = sample_noise(x0.shape, g, self.device, x0.dtype)
+            loss = rectified_flow_loss(self.model, batch, t, noise, self.cfg.diffusion) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+            flops += train_step_flops(self.cfg.model, B, Fr, H, W, batch["text"].shape[1])
+            samples += B
+            tokens += B * tok
+        grad_norm = clip_grad_norm_(self.params, tc.grad_clip)
+        loss_avg = loss_sum.clone()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(loss_avg)
+            loss_avg /= dist.get_world_size()
+        finite = bool(torch.isfinite(loss_avg).item()) and bool(torch.isfinite(grad_norm).item())
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update()
+            self.nonfinite_run = 0
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_run += 1
+            log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); step skipped (%d in a row)",
+                        self.step, loss_avg.item(), float(grad_norm), self.nonfinite_run)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.nonfinite_run >= tc.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_run} consecutive steps had a non-finite loss or gradient (last at step {self.step}); "
+                f"lower train.lr, check the data, or resume from an earlier checkpoint")
+        group = self.dims.sp * self.dims.tp  # ranks sharing one batch
+        return {"loss": loss_avg.item(), "grad_norm": float(grad_norm), "skipped": not finite,
+                "flops_per_device": flops / group, "samples": samples * self.dims.dp, "tokens": tokens * self.dims.dp}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        tc = self.cfg.train
+        data = iter(self.loader)
+        progress = self._progress()
+        window = {"time": 0.0, "wait": 0.0, "flops": 0.0, "samples": 0, "tokens": 0, "steps": 0}
+        exit_code = 0
+        try:
+            while self.step < tc.steps:
+                t0 = time.perf_counter()
+                batches = [next(data) for _ in range(tc.grad_accum)]
+                t1 = time.perf_counter()
+                out = self.train_step(batches)
+                if self.device_type == "cuda":
+                    torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                self.step += 1
+                window["time"] += t2 - t0
+                window["wait"] += t1 - t0
+                window["flops"] += out["flops_per_device"]
+                window["samples"] += out["samples"]
+                window["tokens"] += out["tokens"]
+                window["steps"] += 1
+                if progress is not None:
+                    progress.update(self._task, completed=self.step, loss=out["loss"])
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    self._log(out, window)
+                    window = dict.fromkeys(window, 0.0)
+                if tc.validation.every and self.step % tc.validation.every == 0:
+                    self._validate()
+                if (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or self.step == tc.steps:
+                    self.save_checkpoint()
+                if self.preemption.agreed(self.device):
+                    log.warning("preemption signal received: saving step %d and exiting with %d", self.step,
+                                EXIT_PREEMPTED)
+                    if not (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) and self.step != tc.steps:
+                        self.save_checkpoint()
+                    exit_code = EXIT_PREEMPTED
+                    break
+            self.checkpointer.wait()
+        finally:
+            if progress is not None:
+                progress.stop()
+            self.writer.close()
+        return exit_code
+
+    def _log(self, out: dict, window: dict) -> None:
+        n = max(1, window["steps"])
+        step_time = window["time"] / n
+        metrics = {"loss": out["loss"], "grad_norm": out["grad_norm"], "lr": self.scheduler.get_last_lr()[0],
+                   "samples_per_s": window["samples"] / window["time"], "tokens_per_s": window["tokens"] / window["time"],
+                   "step_time": step_time, "data_wait": window["wait"] / window["time"],
+                   "peak_mem_gib": peak_memory_gib(self.device_type), "nonfinite_steps": self.nonfinite_total}
+        achieved = window["flops"] / window["time"]
+        metrics["tflops"] = achieved / 1e12
+        if self.peak_flops:
+            metrics["mfu"] = achieved / self.peak_flops
+        metrics.update(self.loader.metrics())
+        self.writer.log(self.step, metrics)
+
+    def _progress(self):
+        if self.rank != 0 or not self.cfg.train.progress:
+            return None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=self.console,
+                            transient=False)
+        self._task = progress.add_task("train", total=self.cfg.train.steps, completed=self.step, loss=float("nan"))
+        progress.start()
+        return progress
+
+    def _validate(self) -> None:
+        from .validation import run_validation
+
+        run_validation(self)
+
+
+def train(cfg: Config) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
