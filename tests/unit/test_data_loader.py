@@ -332,3 +332,20 @@ def test_synthetic_loader_shapes_and_resume():
     c.load_state_dict(state)
     assert torch.equal(next(iter(c))["latents"], take(build_loader(cfg, 0, 2), 5)[4]["latents"])
     assert not torch.equal(take(build_loader(cfg, 1, 2), 1)[0]["text"], batches[0]["text"])
+
+
+def test_sample_level_rejections(clips):
+    from vchitect.data.decode import BadSample
+    from vchitect.data.samples import SampleDecoder
+
+    dec = SampleDecoder(cfg_for("unused", mode="auto"))
+    ok = sample("k_0000", *LAND, 20, clip=clips[LAND])
+    assert dec("k_0000", ok, 0).bucket == Bucket(32, 48, 5)
+    cases = {"bad_caption": {**ok, "txt": b"\xff\xfe\x00binary"},
+             "missing_member": {k: v for k, v in ok.items() if k != "mp4"},
+             "no_bucket": {**ok, "mp4": make_clip(*LAND, 3)},  # 3 frames at 24 fps: too short for 5 at 12
+             "bad_text": {**ok, **precomputed_extra("k", L=6, D=5)}}
+    for reason, members in cases.items():
+        with pytest.raises(BadSample) as err:
+            dec("k_0000", members, 0)
+        assert err.value.reason == reason
