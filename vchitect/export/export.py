@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -99,7 +100,9 @@ def load_weights(step_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     if ema and not wanted["ema"]:
         raise ExportError(f"{step_dir} holds no EMA weights (train.ema_decay was 0); export without --ema")
     state = {k: v for k, v in wanted.items() if v}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(step_dir)), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(step_dir)), no_dist=True)
     weights = dict(state["model"])
     if ema:
         weights.update(state["ema"])

@@ -1,0 +1,170 @@
+"""Export: checkpoint discovery and errors, model/EMA-only reads, dtype, sharding, atomic output,
+pixel-space pipelines without encoders, and the ``vchitect export`` / ``vchitect sample`` commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers_ckpt import build_model, ema_of, make_encoders, run_config, write_checkpoint
+from vchitect.export import ExportError, VchitectPipeline, export, find_checkpoint, load_weights
+from vchitect.export.cli import add_export_parser, add_sample_parser
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    enc = make_encoders(root / "enc")
+    cfg = run_config(encoders={"text_encoder_path": str(enc["text_encoder"]), "vae_path": str(enc["vae"])})
+    model = build_model(0)
+    write_checkpoint(root / "run", 100, model, cfg)
+    write_checkpoint(root / "run", 200, model, cfg)
+    return root, model
+
+
+def transformer_weights(folder):
+    files = sorted((folder / "transformer").glob("*.safetensors"))
+    out = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def test_find_checkpoint_picks_the_newest_complete_step(ckpt, tmp_path):
+    root, _ = ckpt
+    assert find_checkpoint(root / "run").name == "step-000000200"
+    assert find_checkpoint(root / "run" / "checkpoints").name == "step-000000200"
+    step = root / "run" / "checkpoints" / "step-000000100"
+    assert find_checkpoint(step) == step
+    with pytest.raises(ExportError, match="does not exist"):
+        find_checkpoint(tmp_path / "nope")
+    partial = tmp_path / "checkpoints" / "step-000000300.tmp"
+    partial.mkdir(parents=True)
+    with pytest.raises(ExportError, match="incomplete"):
+        find_checkpoint(partial)
+    with pytest.raises(ExportError, match="no complete checkpoint"):
+        find_checkpoint(tmp_path)
+    no_json = tmp_path / "checkpoints" / "step-000000400"
+    no_json.mkdir()
+    (no_json / ".metadata").write_bytes(b"")
+    with pytest.raises(ExportError, match="vchitect.json missing"):
+        find_checkpoint(no_json)
+
+
+def test_export_reads_only_model_and_ema_entries(ckpt, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    root, model = ckpt
+    requested = []
+    original = dcp.FileSystemReader.read_data
+
+    def spy(self, plan, planner):
+        requested.extend(item.dest_index.fqn for item in plan.items)
+        return original(self, plan, planner)
+
+    monkeypatch.setattr(dcp.FileSystemReader, "read_data", spy)
+    weights = load_weights(find_checkpoint(root / "run"), ema=True)
+    assert requested and all(k.startswith(("model.", "ema.")) for k in requested)
+    ema = ema_of(model)
+    sd = model.state_dict()
+    for name, value in weights.items():
+        expected = ema.get(name, sd[name])  # EMA where it exists, model weights (and buffers) otherwise
+        assert torch.equal(value, expected), name
+    assert "pos_embed.pos_embed" in weights and "pos_embed.pos_embed" not in ema
+
+
+def test_export_writes_a_loadable_folder_with_shards_dtype_and_shift(ckpt, tmp_path):
+    root, model = ckpt
+    out = export(root / "run", tmp_path / "pipe", max_shard_size="200KB")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "VchitectPipeline"
+    assert index["transformer"] == ["vchitect.models.transformer", "VchitectTransformer3DModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"] and index["text_encoder"] == ["transformers", "T5EncoderModel"]
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert len(list((out / "transformer").glob("*.safetensors"))) > 1
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["shift"] == 3.0
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        assert (out / sub).is_dir()
+    weights = transformer_weights(out)
+    sd = model.state_dict()
+    assert set(weights) == set(sd) and all(torch.equal(weights[k], sd[k]) for k in sd)
+    assert not list(tmp_path.glob(".pipe.tmp-*"))
+
+    half = export(root / "run", tmp_path / "bf16", dtype="bf16", ema=True)
+    w16 = transformer_weights(half)
+    assert all(v.dtype == torch.bfloat16 for v in w16.values())
+    name = "transformer_blocks.0.attn.to_q.weight"
+    assert torch.equal(w16[name], (sd[name] * 0.9).to(torch.bfloat16))
+
+
+def test_export_errors_leave_nothing_behind(ckpt, tmp_path):
+    root, _ = ckpt
+    with pytest.raises(ExportError, match="choose bf16, fp16 or fp32"):
+        export(root / "run", tmp_path / "x", dtype="int8")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep").write_text("x")
+    with pytest.raises(ExportError, match="--overwrite"):
+        export(root / "run", tmp_path / "full")
+    with pytest.raises(ExportError, match="no EMA"):
+        step = root / "noema" / "checkpoints"
+        write_checkpoint(root / "noema", 5, build_model(0), run_config(), with_ema=False)
+        export(step, tmp_path / "y", ema=True)
+    broken = tmp_path / "base"
+    (broken / "vae").mkdir(parents=True)
+    (broken / "vae" / "config.json").write_text("{not json")
+    with pytest.raises(json.JSONDecodeError):
+        export(root / "run", tmp_path / "z", base=broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "full"]  # no x, y, z, no temporary folders
+    with pytest.raises(ExportError, match="pass --base"):
+        cfg = run_config(encoders={"vae_path": str(tmp_path / "missing-vae")})
+        write_checkpoint(tmp_path / "elsewhere", 1, build_model(0), cfg)
+        export(tmp_path / "elsewhere", tmp_path / "w")
+
+
+def test_pixel_space_pipeline_without_encoders(tmp_path):
+    model = build_model(0, in_channels=3)
+    write_checkpoint(tmp_path / "run", 10, model, run_config({"in_channels": 3}, shift=1.0))
+    out = export(tmp_path / "run", tmp_path / "pipe")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["vae"] == [None, None] and index["text_encoder"] == [None, None]
+    pipe = VchitectPipeline.from_pretrained(out)
+    from vchitect.diffusion.sampling import TextCondition
+
+    g = torch.Generator().manual_seed(0)
+    text = TextCondition(torch.randn(1, 4, 16, generator=g), torch.randn(1, 16, generator=g))
+    frames = pipe(prompt_embeds=text, num_frames=2, height=8, width=8, num_inference_steps=2, guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    assert frames.shape == (1, 2, 3, 8, 8) and 0 <= frames.min() and frames.max() <= 1
+    with pytest.raises(ValueError, match="no text encoder"):
+        pipe("a cat", num_inference_steps=1)
+
+
+def test_cli_export_and_sample_write_files(ckpt, tmp_path, capsys):
+    root, _ = ckpt
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_export_parser(sub)
+    add_sample_parser(sub)
+    args = parser.parse_args(["export", str(root / "run"), str(tmp_path / "pipe"), "--dtype", "fp32"])
+    assert args.func(args) == 0
+    args = parser.parse_args(["export", str(tmp_path / "missing"), str(tmp_path / "p2")])
+    assert args.func(args) == 2 and "does not exist" in capsys.readouterr().out
+    common = ["--prompt", "a red car", "--frames", "3", "--height", "16", "--width", "16", "--steps", "2",
+              "--guidance-scale", "3"]
+    args = parser.parse_args(["sample", str(tmp_path / "pipe"), *common, "--out", str(tmp_path / "v.gif")])
+    assert args.func(args) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "v.gif") as im:
+        assert im.n_frames == 3 and im.size == (16, 16)
+    args = parser.parse_args(["sample", str(root / "run"), *common, "--fastercache", "--freeinit", "1",
+                              "--out", str(tmp_path / "v.mp4")])
+    assert args.func(args) == 0
+    import av
+
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 3
