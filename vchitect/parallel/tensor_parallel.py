@@ -17,6 +17,10 @@ Plan per block (Megatron-style, heads split across the ``tp`` mesh):
   the final layer stay replicated: the modulation is B×6D per video, negligible next to the
   token work, and every TP rank needs all of it. Their gradients are identical on every TP rank
   because the column-wise layers all-reduce the input gradient in backward.
+* the attention module's two inputs (normalised video and text tokens) are declared replicated
+  DTensors once, at the module boundary, so that the input gradients of its ten column-wise
+  projections are summed locally and all-reduced once per stream in backward (the per-layer
+  all-reduces of plain ``ColwiseParallel`` would cost 4–7× more for the video stream);
 * optional qk RMSNorm weights (``qk_norm: rms_norm``) act per head on head-split tensors, so
   their gradients are partial on each TP rank; they are made replicated DTensors whose inputs are
   sharded on the head dimension, so DTensor all-reduces those gradients.
@@ -34,8 +38,8 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
-                                               parallelize_module)
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
 
 COLWISE = ("to_q", "to_k", "to_v", "to_q_temp", "to_k_temp", "to_v_temp", "to_q_cross",
            "add_q_proj", "add_k_proj", "add_v_proj")
@@ -46,7 +50,15 @@ QK_NORMS = ("norm_q", "norm_k", "norm_q_temp", "norm_k_temp", "norm_q_cross", "n
 def block_plan(block: nn.Module) -> dict:
     """The parallelize_module plan of one MultimodalDiffusionBlock (only modules it has)."""
     names = {n for n, _ in block.named_modules()}
-    plan = {}
+    plan = {
+        # One replicated DTensor view of each stream's normalised input for all the column-wise
+        # projections that read it: their input gradients add up as a Partial DTensor and are
+        # all-reduced once, instead of once per projection (10 → 2 backward all-reduces per block).
+        # Called as attn(x, ctx, num_frames, rope, text_mask).
+        "attn": PrepareModuleInput(input_layouts=(Replicate(), Replicate(), None, None, None),
+                                   desired_input_layouts=(Replicate(), Replicate(), None, None, None),
+                                   use_local_output=False),
+    }
     for n in COLWISE:
         if f"attn.{n}" in names:
             plan[f"attn.{n}"] = ColwiseParallel()
