@@ -126,6 +126,7 @@ class DataConfig:
     seed: int = setting(0, min=0, help="seed of shard order, frame sampling and source mixing")
     num_workers: int = setting(4, min=0, help="loader worker processes per rank (0 = in-process)")
     prefetch_factor: int = setting(2, min=1, help="batches prefetched per worker")
+    pin_memory: bool = setting(True, help="pin batches in page-locked memory (only when CUDA is available)")
     decode_threads: int = setting(1, min=0, help="FFmpeg threads per decode (0 = FFmpeg's choice)")
     shard_retries: int = setting(3, min=0, help="re-tries of a shard that cannot be opened or read")
     retry_backoff: float = setting(1.0, min=0.0, help="seconds before the first retry; doubles each time")

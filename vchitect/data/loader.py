@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Iterator
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
@@ -70,6 +71,8 @@ class ShardLoader:
         nw = self.cfg.num_workers
         dl = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_as_is,
                         prefetch_factor=self.cfg.prefetch_factor if nw else None,
+                        pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+                        # fork: workers inherit the imported package and the shard lists at no cost
                         multiprocessing_context="fork" if nw else None)
         self._t0 = self._t0 or time.perf_counter()
         for batch in dl:
