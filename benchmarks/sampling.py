@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Sampling benchmark: FasterCache speed-up and output difference (PSNR against the uncached run).
+
+    python benchmarks/sampling.py --preset demo                      # CPU, demo model, random weights
+    python benchmarks/sampling.py --preset demo --ckpt runs/demo     # trained weights (any checkpoint)
+    python benchmarks/sampling.py --preset 2b --latent 16x54x96 --dtype bf16   # GPU
+
+Each row samples the same noise and text with the Euler flow sampler (batched CFG) and one
+FasterCache setting, after a warm-up run; the time is the median of ``--repeats`` runs. PSNR
+compares the final x0 with the uncached x0 (peak = the uncached output's value range).
+
+Without ``--ckpt`` the weights are random, with the zero-initialised temporal and cross-attention
+outputs given small random values so that every branch contributes. A random network's
+trajectory is not a trained one's: read the PSNR of such rows as a check of the mechanism, and
+judge quality on trained weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+PRESETS = {"tiny": "configs/model/tiny.yaml", "demo": "configs/model/demo.yaml",
+           "2b": "configs/model/vchitect-2b.yaml", "8b": "configs/model/vchitect-8b.yaml"}
+DEFAULT_LATENT = {"tiny": "8x16x16", "demo": "16x16x16", "2b": "16x54x96", "8b": "16x54x96"}
+TEXT_LEN = {"tiny": 8, "demo": 16, "2b": 333, "8b": 333}
+SETTINGS = {
+    "uncached": None,
+    "attention only (from 30%, every 2nd)": dict(cfg=False),
+    "CFG-Cache only (from 30%, every 3rd)": dict(attention=False),
+    "FasterCache default": dict(),
+    "FasterCache, no extrapolation": dict(weight_end=0.0),
+    "FasterCache, CFG boosts 0.2": dict(low_boost=0.2, high_boost=0.2),
+    "FasterCache aggressive (attn every 3rd, cfg every 5th, from 20%)":
+        dict(attention_start=0.2, attention_interval=3, cfg_start=0.2, cfg_interval=5),
+}
+
+
+def build(args):
+    from vchitect.config import load_config
+    from vchitect.models import VchitectTransformer3DModel
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if args.ckpt:
+        from vchitect.export.export import find_checkpoint, load_transformer, read_meta
+
+        step = find_checkpoint(args.ckpt)
+        model = load_transformer(step, read_meta(step)["config"], dtype=args.dtype)
+    else:
+        cfg = load_config(ROOT / PRESETS[args.preset])
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = VchitectTransformer3DModel(**dataclasses.asdict(cfg.model))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if any(k in name for k in ("to_out_temporal", "to_out_context", "to_add_out_temporal")):
+                    p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.device))
+    return model.to(args.device, dtype).eval()
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    mse = (x.float() - ref.float()).square().mean().item()
+    peak = (ref.max() - ref.min()).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak * peak / mse)).item()
+
+
+def main() -> int:
+    from vchitect.diffusion.fastercache import FasterCacheConfig
+    from vchitect.diffusion.sampling import TextCondition, flow_sigmas, sample
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    ap.add_argument("--ckpt", default=None, help="use trained weights from this checkpoint")
+    ap.add_argument("--latent", default=None, help="FxHxW latent shape (default per preset)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance-scale", type=float, default=6.0)
+    ap.add_argument("--shift", type=float, default=3.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--only", nargs="*", default=None, help="names of SETTINGS rows to run")
+    ap.add_argument("--json", default=None, help="write the rows here as JSON")
+    args = ap.parse_args()
+
+    model = build(args)
+    F, H, W = (int(v) for v in (args.latent or DEFAULT_LATENT[args.preset]).split("x"))
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, c.in_channels, F, H, W, generator=g).to(args.device)
+    L = TEXT_LEN[args.preset]
+    cond = TextCondition(torch.randn(1, L, c.joint_attention_dim, generator=g).to(args.device),
+                         torch.randn(1, c.pooled_projection_dim, generator=g).to(args.device))
+    uncond = TextCondition(torch.zeros(1, L, c.joint_attention_dim, device=args.device),
+                           torch.zeros(1, c.pooled_projection_dim, device=args.device),
+                           torch.arange(L, device=args.device)[None] < 1)
+    sigmas = flow_sigmas(args.steps, args.shift)
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def run(setting):
+        fc = FasterCacheConfig(**setting) if setting is not None else None
+        sync()
+        t0 = time.perf_counter()
+        out = sample(model, noise, cond, uncond, sigmas=sigmas, guidance_scale=args.guidance_scale, fastercache=fc)
+        sync()
+        return out, time.perf_counter() - t0, (fc.stats if fc is not None else {})
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{args.preset} model ({'checkpoint ' + args.ckpt if args.ckpt else 'random weights'}), latent "
+          f"{c.in_channels}×{F}×{H}×{W}, {args.steps} steps, CFG {args.guidance_scale}, {args.dtype}, {device_name}")
+    run(None)  # warm-up
+    rows, ref, base = [], None, None
+    layers = len(model.transformer_blocks)
+    for name, setting in SETTINGS.items():
+        if args.only and name not in args.only and setting is not None:
+            continue
+        times, out, stats = [], None, {}
+        for _ in range(args.repeats):
+            out, dt, stats = run(setting)
+            times.append(dt)
+        t = statistics.median(times)
+        if setting is None:
+            ref, base = out, t
+            stats = {"block_rows": 2 * args.steps * layers, "attention_rows": 2 * args.steps * layers}
+        row = {"setting": name, "seconds": round(t, 3), "speedup": round(base / t, 2),
+               "psnr_db": round(psnr(out, ref), 2) if setting is not None else None,
+               "block_evals": stats.get("block_rows"), "attention_evals": stats.get("attention_rows")}
+        rows.append(row)
+        print(f"{name:<66} {t:8.2f}s  ×{row['speedup']:<5} PSNR {row['psnr_db'] if row['psnr_db'] else '  -  '}"
+              f"  blocks {row['block_evals']}  attention {row['attention_evals']}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": device_name, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
