@@ -53,9 +53,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Optional[ParallelConf
     model._parallel_wrappers = apply_block_wrappers(
         model, ac_mode=cfg.activation_checkpointing, ac_ratio=cfg.ac_ratio, offload=cfg.activation_offload,
         compile_blocks=compile_blocks, device_type=device_type)
-    # FSDP2 also carries the bf16 MixedPrecisionPolicy, so it is applied (on a 1-rank mesh) when
-    # there is no data or sequence parallelism but bf16 compute is wanted.
-    if dims.fsdp_enabled or bf16:
+    # FSDP2 also carries the bf16 MixedPrecisionPolicy and the CPU offload, so it is applied (on a
+    # 1-rank mesh) without data or sequence parallelism when either is wanted.
+    if dims.fsdp_enabled or bf16 or cfg.cpu_offload:
         apply_fsdp(model, dims, mixed_precision=cfg.mixed_precision, cpu_offload=cfg.cpu_offload,
                    reshard_after_forward=cfg.reshard_after_forward, device_type=device_type)
     model._parallel_dims = dims
