@@ -168,7 +168,7 @@ def test_corrupt_shard_yields_good_samples_and_reports_exactly_the_bad_ones(tmp_
                           **precomputed_extra("bad_0002", lat_shape=(4, 2, 5, 5)))
     order = [good[0], truncated, good[3], good[1], no_txt, wrong_latent, good[4], good[2]]
     write_shard(str(tmp_path / "c-000000.tar"), order)
-    loader = build_loader(cfg_for(tmp_path, mode="auto", max_batch_size=1))
+    loader = build_loader(cfg_for(tmp_path, mode="auto", max_batch_size=1, shuffle_buffer=1))
     with caplog.at_level(logging.WARNING, logger="vchitect.data"):
         batches = take(loader, 5)
     keys = [b["keys"][0] for b in batches]
@@ -253,7 +253,7 @@ def test_resume_continues_exactly(video_dir, workers, K):
     for x, y in zip(part + rest, ref):
         _same(x, y)
     keys = [k for b in ref for k in b["keys"]]
-    epoch0 = [k for b in ref if b["epoch"] == 0 for k in b["keys"]]
+    epoch0 = [k for b in ref for k, e in zip(b["keys"], b["epochs"]) if e == 0]
     assert len(set(epoch0)) == len(epoch0) and len(set(keys)) > 12
 
 
@@ -349,3 +349,17 @@ def test_sample_level_rejections(clips):
         with pytest.raises(BadSample) as err:
             dec("k_0000", members, 0)
         assert err.value.reason == reason
+
+
+def test_shuffle_buffer_mixes_within_a_shard_never_across_epochs(tmp_path, clips):
+    write_shard(str(tmp_path / "o-000000.tar"), [sample(f"o_{i:04d}", *LAND, 20, clip=clips[LAND])
+                                                 for i in range(12)])
+    tar_order = [f"o_{i:04d}" for i in range(12)]
+    plain = [b["keys"][0] for b in take(build_loader(cfg_for(tmp_path, mode="decode", max_batch_size=1,
+                                                             shuffle_buffer=1)), 12)]
+    assert plain == tar_order
+    batches = take(build_loader(cfg_for(tmp_path, mode="decode", max_batch_size=1, shuffle_buffer=8)), 24)
+    keys = [b["keys"][0] for b in batches]
+    assert keys[:12] != tar_order and sorted(keys[:12]) == tar_order  # epoch 0: a permutation
+    assert sorted(keys[12:]) == tar_order and keys[12:] != keys[:12]   # epoch 1: another one
+    assert [b["epoch"] for b in batches] == [0] * 12 + [1] * 12

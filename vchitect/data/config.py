@@ -124,6 +124,8 @@ class DataConfig:
     encoders: EncoderConfig = setting(default_factory=EncoderConfig, help="decode-mode encoders")
     s3: S3Config = setting(default_factory=S3Config, help="S3 access for s3:// sources")
     seed: int = setting(0, min=0, help="seed of shard order, frame sampling and source mixing")
+    shuffle_buffer: int = setting(64, min=1, help="raw samples per stream held to shuffle the tar order "
+                                  "(memory: this × the compressed sample size; 1 = tar order)")
     num_workers: int = setting(4, min=0, help="loader worker processes per rank (0 = in-process)")
     prefetch_factor: int = setting(2, min=1, help="batches prefetched per worker")
     pin_memory: bool = setting(True, help="pin batches in page-locked memory (only when CUDA is available)")

@@ -7,10 +7,12 @@ with fewer shards than streams, the streams that share a shard take every k-th s
 streams of one epoch are disjoint and together cover every sample exactly once, and everything
 depends only on the seed and ``G``.
 
-Samples go into one buffer per (kind, bucket); a full buffer is a batch. The stream's *state* after a
-batch is small and JSON-like: per source (epoch, shard position, next sample index), the number of
-source draws, and for every sample still waiting in a buffer its (shard, index, epoch). Restoring it
-re-reads just those waiting samples and carries on, so a resumed stream continues exactly.
+Raw samples pass a shuffle buffer (``shuffle_buffer`` samples, picked with a counter-seeded RNG),
+then go into one buffer per (kind, bucket); a full buffer is a batch. The stream's *state* after a
+batch is small and JSON-like: per source (epoch, shard position, next sample index), the draw and
+pick counters, and for every sample still in the shuffle or a bucket buffer its (shard, index,
+epoch). Restoring it re-reads just those samples and carries on, so a resumed stream continues
+exactly.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def stream_units(shards: list[str], seed: int, source: int, epoch: int, g: int, 
 
 def fresh_state(num_sources: int, epoch: int = 0) -> dict:
     return {"sources": [{"epoch": epoch, "unit": 0, "index": 0} for _ in range(num_sources)],
-            "draws": 0, "pending": [], "samples": 0, "batches": 0, "bytes": 0,
+            "draws": 0, "picks": 0, "arrivals": 0, "pending": [], "shuffle": [], "samples": 0, "batches": 0, "bytes": 0,
             "skipped": {}, "shards_failed": 0, "failed_shards": []}
 
 
@@ -59,7 +61,8 @@ class WorkerStream:
         w = np.array([s.weight for s in cfg.sources] or [1.0], dtype=np.float64)
         self.weights = w / w.sum()
         self.logged: set = set()
-        self.buffers: dict = defaultdict(list)  # (kind, bucket) → [(Sample, pending entry)]
+        self.buffers: dict = defaultdict(list)  # (kind, bucket) → [(Sample, entry)]
+        self.shuffle: list = [[] for _ in shards]  # per source: [(entry, key, members)], arrival order
 
     # -- raw samples ------------------------------------------------------------------------
     def _on_failed(self, url: str, reason: str) -> None:
@@ -116,49 +119,77 @@ class WorkerStream:
         return batch_size(bucket, c.token_budget, c.max_batch_size, c.vae_spatial_factor,
                           c.vae_temporal_factor, c.patch_size)
 
-    def _restore_pending(self) -> None:
-        """Re-read the samples that were waiting in buffers when the state was taken."""
-        by_url, back = defaultdict(dict), []
-        for e in self.st["pending"]:
-            by_url[e["url"]][e["index"]] = e
-        for url, wanted in by_url.items():
+    def _restore(self) -> None:
+        """Re-read the samples that were in the shuffle buffer or waiting in bucket buffers when the
+        state was taken (one pass per shard), and put them back in their original order."""
+        wanted_by_url = defaultdict(dict)
+        for e in self.st["pending"] + self.st["shuffle"]:
+            wanted_by_url[e["url"]][e["index"]] = e
+        raw = {}
+        for url, wanted in wanted_by_url.items():
+            left = set(wanted)
             for i, key, members, _ in read_shard(url, self.cfg.s3, min(wanted), 1, 0,
                                                  self.cfg.shard_retries, self.cfg.retry_backoff):
-                if i in wanted:
-                    e = wanted.pop(i)
-                    sample = self.decoder(key, members, e["epoch"])  # was good before
-                    back.append((sample, e))
-                if not wanted:
+                if i in left:
+                    raw[(url, i)] = (key, members)
+                    left.discard(i)
+                if not left:
                     break
-            if wanted:
-                log.error("shard %s: %d buffered samples could not be re-read on resume",
-                          url, len(wanted))
-        for sample, e in sorted(back, key=lambda se: se[1]["seq"]):  # original arrival order
-            self.buffers[(sample.kind, sample.bucket)].append((sample, e))
+            if left:
+                log.error("shard %s: %d buffered samples could not be re-read on resume", url, len(left))
+        for e in sorted(self.st["pending"], key=lambda e: e["seq"]):  # bucket buffers, arrival order
+            if (e["url"], e["index"]) in raw:
+                key, members = raw[(e["url"], e["index"])]
+                sample = self.decoder(key, members, e["epoch"])  # it was good before
+                self.buffers[(sample.kind, sample.bucket)].append((sample, e))
+        for e in self.st["shuffle"]:
+            if (e["url"], e["index"]) in raw:
+                self.shuffle[e["source"]].append((e, *raw[(e["url"], e["index"])]))
 
     def state(self) -> dict:
         st = copy.deepcopy(self.st)
         st["pending"] = sorted((e for buf in self.buffers.values() for _, e in buf),
                                key=lambda e: e["seq"])
+        st["shuffle"] = [dict(e) for buf in self.shuffle for e, _, _ in buf]
         return st
 
+    def _next_raw(self, iters) -> tuple[dict, str, dict]:
+        """The next raw sample, (entry, key, members), through the source's shuffle buffer.
+
+        The buffer only mixes samples of one shard read (same source, shard, epoch): it stops filling
+        when a sample of the next shard arrives and picks among the oldest shard's samples only, so
+        epochs never mix and a resumed epoch is the same set of samples.
+        """
+        s = self._pick_source()
+        buf, size = self.shuffle[s], max(1, self.cfg.shuffle_buffer)
+        group = lambda e: (e["url"], e["epoch"])  # noqa: E731
+        while len(buf) < size and (not buf or group(buf[-1][0]) == group(buf[0][0])):
+            url, index, key, members, epoch = next(iters[s])
+            buf.append(({"source": s, "url": url, "index": index, "epoch": epoch}, key, members))
+        n = next((i for i, (e, _, _) in enumerate(buf) if group(e) != group(buf[0][0])), len(buf))
+        k = self.st["picks"]
+        self.st["picks"] += 1
+        j = int(np.random.default_rng([self.cfg.seed, 2, self.g, k]).integers(n)) if n > 1 else 0
+        return buf.pop(j)
+
     def __iter__(self) -> Iterator[dict]:
-        self._restore_pending()
+        self._restore()
         iters = [self._source_iter(s) for s in range(len(self.shards))]
         while True:
-            s = self._pick_source()
-            url, index, key, members, epoch = next(iters[s])
-            sample = self._process(url, index, key, members, epoch)
+            entry, key, members = self._next_raw(iters)
+            sample = self._process(entry["url"], entry["index"], key, members, entry["epoch"])
             if sample is None:
                 continue
-            self.st["arrivals"] = seq = self.st.get("arrivals", 0) + 1
+            self.st["arrivals"] += 1
+            entry["seq"] = self.st["arrivals"]
             buf = self.buffers[(sample.kind, sample.bucket)]
-            buf.append((sample, {"url": url, "index": index, "epoch": epoch, "seq": seq}))
+            buf.append((sample, entry))
             if len(buf) >= self._batch_size(sample.bucket):
                 batch = collate([x for x, _ in buf])
+                batch["epochs"] = [e["epoch"] for _, e in buf]  # per sample
+                batch["epoch"] = min(batch["epochs"])
                 del buf[:]
                 self.st["samples"] += len(batch["keys"])
                 self.st["batches"] += 1
-                batch["epoch"] = min(c["epoch"] for c in self.st["sources"])
                 batch["_loader"] = {"g": self.g, "state": self.state()}
                 yield batch
