@@ -46,8 +46,8 @@ def stream_units(shards: list[str], seed: int, source: int, epoch: int, g: int, 
 
 def fresh_state(num_sources: int, epoch: int = 0) -> dict:
     return {"sources": [{"epoch": epoch, "unit": 0, "index": 0} for _ in range(num_sources)],
-            "draws": 0, "picks": 0, "arrivals": 0, "pending": [], "shuffle": [], "samples": 0, "batches": 0, "bytes": 0,
-            "skipped": {}, "shards_failed": 0, "failed_shards": []}
+            "draws": 0, "picks": 0, "arrivals": 0, "pending": [], "shuffle": [],
+            "samples": 0, "batches": 0, "bytes": 0, "skipped": {}, "shards_failed": 0, "failed_shards": []}
 
 
 class WorkerStream:
@@ -140,8 +140,9 @@ class WorkerStream:
         for e in sorted(self.st["pending"], key=lambda e: e["seq"]):  # bucket buffers, arrival order
             if (e["url"], e["index"]) in raw:
                 key, members = raw[(e["url"], e["index"])]
-                sample = self.decoder(key, members, e["epoch"])  # it was good before
-                self.buffers[(sample.kind, sample.bucket)].append((sample, e))
+                sample = self._process(e["url"], e["index"], key, members, e["epoch"])
+                if sample is not None:  # it was good when it was first read
+                    self.buffers[(sample.kind, sample.bucket)].append((sample, e))
         for e in self.st["shuffle"]:
             if (e["url"], e["index"]) in raw:
                 self.shuffle[e["source"]].append((e, *raw[(e["url"], e["index"])]))
