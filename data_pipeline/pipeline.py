@@ -14,6 +14,7 @@ leave one core for decoding.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import time
@@ -162,6 +163,8 @@ def run(cfg: CurateConfig, *, address: Optional[str] = None, progress: bool = Tr
     out = cfg.output.path
     items = list_sources(cfg.input.path, cfg.input.extensions, options, cfg.input.limit)
     by_id = {it.source_id: it for it in items}
+    fingerprint = config_fingerprint(cfg)
+    _claim_output(out, fingerprint, options)
     done = finished_ids(out, options) & set(by_id)
     todo = [it for it in items if it.source_id not in done]
     echo(f"curate: {len(items)} inputs, {len(done)} already finished, {len(todo)} to process")
@@ -185,13 +188,26 @@ def run(cfg: CurateConfig, *, address: Optional[str] = None, progress: bool = Tr
         raise RuntimeError(f"{len(missing)} inputs have no completion record (e.g. {missing[0]}); "
                            "rerun the same command to finish them")
     echo("curate: packing shards")
-    stats = finalize(out, cfg, by_id, fingerprint=config_fingerprint(cfg), options=options,
+    stats = finalize(out, cfg, by_id, fingerprint=fingerprint, options=options,
                      run_info={"processed_inputs": len(todo), "resumed_inputs": len(done),
                                "seconds": round(time.time() - t0, 2)})
     c = stats["counts"]
     echo(f"curate: {c.get('clips_written', 0)} clips in {c.get('shards', 0)} shards; "
          f"rejected: {json_compact(stats['rejected_by_reason'])}")
     return stats
+
+
+def _claim_output(out: str, fingerprint: str, options: dict) -> None:
+    """Completion records are only reusable by the same settings: refuse to mix two configs."""
+    path = vio.join(out, "_work", "config.json")
+    if vio.exists(path, options):
+        old = json.loads(vio.read_bytes(path, options)).get("config_fingerprint")
+        if old != fingerprint:
+            raise RuntimeError(
+                f"{out} holds work from a run with different settings (config fingerprint {old}, "
+                f"this run {fingerprint}); use a new output.path, or delete {out} to start over")
+        return
+    vio.write_bytes(path, json.dumps({"config_fingerprint": fingerprint}).encode(), options)
 
 
 def json_compact(d: dict) -> str:
@@ -211,11 +227,13 @@ def _run_ray(cfg, todo, by_id, options, uses_models, uses_vlm, progress) -> None
     def video_stage(row: dict) -> dict:
         return _pack(run_video_stage(SourceItem.from_row(row), cfg, options))
 
-    ds = ray.data.from_items([it.to_row() for it in todo], override_num_blocks=len(todo))
+    # One input per block (up to 10k blocks): records stream back, and so resume, per input.
+    ds = ray.data.from_items([it.to_row() for it in todo], override_num_blocks=min(len(todo), 10_000))
     ds = ds.map(video_stage, num_cpus=cfg.ray.video_task_cpus)
     if uses_models:
         ds = ds.map_batches(_ModelFilterActor, fn_constructor_kwargs={"cfg": cfg},
-                            batch_size=cfg.ray.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.ray.model_actors),
+                            batch_size=cfg.ray.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.ray.model_actors),
                             num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy")
     if uses_vlm:
         items = {it.source_id: it for it in todo}

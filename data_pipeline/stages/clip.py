@@ -8,7 +8,6 @@ It returns an :class:`InputResult`; nothing here knows about Ray.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Optional
@@ -82,8 +81,8 @@ def process_video(local_path: str, item, cfg) -> InputResult:
     return res
 
 
-def _iter_frames(path: str, size: tuple[int, int]):
-    """RGB frames at ``size`` in decode order; the frame counter is the frame index."""
+def _iter_frames(path: str):
+    """Decoded frames in order; the position in this sequence is the frame index."""
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -101,8 +100,9 @@ def _cut_and_score(path: str, pr: ProbeResult, item, cfg, res: InputResult) -> N
                        min_scene_frames=sp.min_scene_frames, transnet_threshold=sp.transnet_threshold,
                        fps=fps)
     n = 0
-    for frame in _iter_frames(path, a_size):
-        det.push(frame.to_ndarray(width=a_size[0], height=a_size[1], format="rgb24"))
+    for frame in _iter_frames(path):
+        det.push(frame.to_ndarray(width=a_size[0], height=a_size[1], format="rgb24",
+                                  interpolation="AREA"))
         n += 1
     if n == 0:
         raise Rejected("zero_duration", "no decodable frames")
@@ -137,7 +137,7 @@ def _cut_and_score(path: str, pr: ProbeResult, item, cfg, res: InputResult) -> N
     codec = pick_h264_encoder(cc.codec)
     it = iter(plans)
     cur = next(it, None)
-    for i, frame in enumerate(_iter_frames(path, a_size)):
+    for i, frame in enumerate(_iter_frames(path)):
         while cur is not None and i >= cur.end:
             cur.finish(res)
             cur = next(it, None)
@@ -173,7 +173,7 @@ class _WindowWork:
     def add(self, i: int, frame, a_size, out_size, codec) -> None:
         need_gray = i in self.sample_at or i in self.pair_at or (i - 1) in self.pair_at
         if need_gray or i in self.sample_at:
-            rgb = frame.to_ndarray(width=a_size[0], height=a_size[1], format="rgb24")
+            rgb = frame.to_ndarray(width=a_size[0], height=a_size[1], format="rgb24", interpolation="AREA")
             self.gray[i] = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
             if i in self.sample_at:
                 self.rgb[i] = rgb
@@ -282,10 +282,3 @@ def sample_frames_rgb(clip: Clip) -> list[np.ndarray]:
     return [cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
             for b in clip.frames]
 
-
-def clip_duration(clip: Clip) -> float:
-    return clip.end - clip.start
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))

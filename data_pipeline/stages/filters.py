@@ -65,6 +65,9 @@ def sharpness(gray_frames: Sequence[np.ndarray]) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
+FLOW_SIZE = 128  # long side (px) at which optical flow is computed
+
+
 def motion(pairs: Sequence[tuple[np.ndarray, np.ndarray]], dt: float) -> float:
     """Farneback optical flow between frame pairs ``dt`` seconds apart.
 
@@ -74,7 +77,12 @@ def motion(pairs: Sequence[tuple[np.ndarray, np.ndarray]], dt: float) -> float:
     """
     scores = []
     for a, b in pairs:
-        flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+        long_side = max(a.shape)
+        if long_side > FLOW_SIZE:  # flow is measured in long sides per second: resolution-free
+            size = (round(a.shape[1] * FLOW_SIZE / long_side), round(a.shape[0] * FLOW_SIZE / long_side))
+            a = cv2.resize(a, size, interpolation=cv2.INTER_AREA)
+            b = cv2.resize(b, size, interpolation=cv2.INTER_AREA)
+        flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 9, 3, 5, 1.1, 0)
         mag = np.sqrt((flow.astype(np.float64) ** 2).sum(-1)).ravel()
         k = max(1, mag.size // 10)
         top = np.partition(mag, mag.size - k)[-k:]

@@ -371,3 +371,34 @@ def test_shard_writer_respects_count_and_byte_caps(tmp_path):
     for i in range(7):
         w.add(f"k_{i:04d}", {"txt": b"t"})
     assert [e["nsamples"] for e in w.close()] == [3, 3, 1]
+
+
+def test_an_output_folder_refuses_work_from_other_settings(tmp_path, corpus):
+    root, _ = corpus
+    from data_pipeline.pipeline import _claim_output
+    from data_pipeline.config import config_fingerprint
+
+    a = _cfg(root, str(tmp_path))
+    b = _cfg(root, str(tmp_path), "filters.min_sharpness=1")
+    _claim_output(str(tmp_path), config_fingerprint(a), {})
+    _claim_output(str(tmp_path), config_fingerprint(a), {})  # same settings: fine
+    assert config_fingerprint(_cfg(root, "/elsewhere", "ray.num_cpus=7")) == config_fingerprint(a)
+    with pytest.raises(RuntimeError, match="different settings"):
+        _claim_output(str(tmp_path), config_fingerprint(b), {})
+
+
+def test_progress_counts_kept_and_rejected_per_stage(corpus):
+    root, _ = corpus
+    from data_pipeline.pipeline import Progress
+    from data_pipeline.stages.models import Captioner
+
+    cfg = _cfg(root)
+    prog = Progress(total=2, enabled=False)
+    for name in ("defects.mp4", "corrupt_empty.mp4"):
+        item = _item(root, name)
+        res = process_video(os.path.join(root, "videos", name), item, cfg)
+        Captioner(cfg)([res], {item.source_id: item})
+        prog.add(res)
+    assert prog.rejected["probe"] == 1 and prog.kept["probe"] == 1
+    assert prog.rejected["filter"] == 2 and prog.kept["clip"] == 4
+    assert prog.kept["caption"] == 2
