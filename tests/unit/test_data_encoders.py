@@ -86,8 +86,15 @@ def test_vae_wrappers_image_and_video(folders):
 
 
 def test_encode_batch_turns_a_decode_batch_into_latents(folders):
-    vae = load_vae(folders / "pipe")
-    te = load_text_encoder(folders / "t5", "t5", max_length=8)
+    from vchitect.config import from_dict
+    from vchitect.data import DataConfig, load_encoders
+
+    cfg = from_dict(DataConfig, {"sources": [{"uri": "x"}], "mode": "decode", "text": {"max_length": 8},
+                                 "encoders": {"vae_path": str(folders / "pipe"), "dtype": "float32",
+                                              "text_encoder_path": str(folders / "t5")}})
+    vae, te = load_encoders(cfg)
+    with pytest.raises(ValueError, match="needs data.encoders.vae_path"):
+        load_encoders(from_dict(DataConfig, {"sources": [{"uri": "x"}], "mode": "auto"}))
     batch = {"pixels": torch.randint(0, 256, (2, 3, 1, 16, 16), dtype=torch.uint8),
              "captions": ["a dog", "the city at night"], "keys": ["k0", "k1"], "bucket": (16, 16, 1)}
     out = encode_batch(batch, vae, te)

@@ -37,6 +37,23 @@ def vae_encode_split(encode: Callable[[torch.Tensor], torch.Tensor], pixels: tor
     return torch.cat(pieces)[:B]
 
 
+def load_encoders(cfg, device: str | torch.device = "cpu"):
+    """(vae, text_encoder) from ``cfg.encoders`` (a :class:`DataConfig`); None for an unset path.
+
+    Decode mode needs both; precomputed batches need neither."""
+    from vchitect.models.encoders import load_text_encoder, load_vae
+
+    e = cfg.encoders
+    vae = load_vae(e.vae_path, device, e.dtype, e.sample_posterior) if e.vae_path else None
+    text = load_text_encoder(e.text_encoder_path, e.text_encoder_kind, cfg.text.max_length, device,
+                             e.dtype, e.pooled_encoder_path) if e.text_encoder_path else None
+    if cfg.source == "shards" and cfg.mode != "precomputed" and (vae is None or text is None):
+        raise ValueError(f"data.mode={cfg.mode} decodes videos, which needs data.encoders.vae_path and "
+                         f"data.encoders.text_encoder_path (local folders); set both, or use "
+                         f"mode=precomputed with shards that hold latent.npy / text.npy")
+    return vae, text
+
+
 def encode_batch(batch: dict, vae=None, text_encoder=None, device: str | torch.device = "cpu",
                  sp_group: Optional[dist.ProcessGroup] = None) -> dict:
     """Make ``latents``, ``text``, ``text_mask``, ``pooled`` present and on ``device``."""
