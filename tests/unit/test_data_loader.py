@@ -262,6 +262,8 @@ def test_resume_on_a_different_world_restarts_the_epoch(video_dir):
     loader = build_loader(cfg)
     take(loader, 30)  # into epoch 1
     state = loader.state_dict()
+    with pytest.raises(ValueError, match="belongs to DP rank 0"):
+        ShardLoader(cfg, 1, 2).load_state_dict({**state, "dp_rank": 0, "dp_size": 2})
     other = ShardLoader(cfg, 1, 2)
     other.load_state_dict(state)
     b = take(other, 1)[0]

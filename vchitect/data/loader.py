@@ -97,6 +97,10 @@ class ShardLoader:
                 and sd["sources"] == [s.uri for s in self.cfg.sources])
         streams = {int(k): v for k, v in sd.get("streams", {}).items()}
         if same:
+            if sd["dp_rank"] != self.dp_rank:
+                raise ValueError(f"this data-loader state belongs to DP rank {sd['dp_rank']}, not "
+                                 f"{self.dp_rank}; save and load one state per DP rank "
+                                 f"(e.g. under data/dp{{rank}}) so each rank resumes its own stream")
             self._states, self._consumed = streams, sd["consumed"]
             return
         epoch = min((c["epoch"] for st in streams.values() for c in st["sources"]), default=0)
