@@ -25,7 +25,8 @@ import torch.distributed as dist  # noqa: E402
 torch.set_num_threads(1)
 
 from vchitect.models import VchitectTransformer3DModel  # noqa: E402
-from vchitect.parallel import ParallelConfig, ParallelDims, data_parallel_slice, parallelize  # noqa: E402
+from vchitect.parallel import (ParallelConfig, ParallelDims, data_parallel_slice,  # noqa: E402
+                               generator_for_rank, manual_seed, parallelize)
 
 TINY = dict(sample_size=16, in_channels=4, num_layers=2, num_attention_heads=4, attention_head_dim=8,
             joint_attention_dim=24, pooled_projection_dim=12, pos_embed_max_size=32)
@@ -65,6 +66,41 @@ CASES = {
     "tp2_sp2_qk_norm_nondivisible": (4, dict(dp_shard=1, tp=2, sp=2),
                                      dict(height=10, width=14, model=dict(qk_norm="rms_norm"))),
 }
+
+
+# RNG / data assignment: (world size, layout)
+RNG_CASES = {
+    "rng_dp_shard2_sp2": (4, dict(dp_shard=2, sp=2)),
+    "rng_dp_replicate2_tp2": (4, dict(dp_replicate=2, dp_shard=1, tp=2)),
+    "rng_tp2_sp2": (4, dict(dp_shard=1, tp=2, sp=2)),
+    "rng_dp_shard2": (2, dict(dp_shard=2)),
+}
+
+
+def run_rng_case(name: str, layout: dict, world: int) -> dict:
+    """Ranks of one SP/TP group must draw the same noise / dropout and get the same rows of the
+    global batch; data-parallel groups must differ."""
+    dims = ParallelDims(world_size=world, **layout)
+    dims.build_mesh("cpu")
+    noise = torch.randn(4, generator=generator_for_rank(7, dims, step=3))
+    manual_seed(7, dims, step=3)
+    drop = torch.rand(4)
+    rows = data_parallel_slice(8, dims)
+    mine = torch.cat([torch.tensor([float(dims.dp_rank), float(rows.start)]), noise, drop])
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    problems = []
+    for a in range(world):
+        for b in range(world):
+            same_group = every[a][0] == every[b][0]
+            same_draws = torch.equal(every[a][1:], every[b][1:])
+            if same_group != same_draws:
+                problems.append(f"ranks {a},{b}: dp groups {int(every[a][0])},{int(every[b][0])} "
+                                f"but draws {'equal' if same_draws else 'different'}")
+    groups = sorted({int(e[0]) for e in every})
+    if groups != list(range(dims.dp)):
+        problems.append(f"dp ranks {groups}, expected 0..{dims.dp - 1}")
+    return dict(name=name, world=world, layout=layout, ok=True, rng_ok=not problems, problems=problems)
 
 
 def build_model(**overrides) -> VchitectTransformer3DModel:
@@ -180,12 +216,13 @@ def main() -> None:
     args = ap.parse_args()
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    wanted = [c for c in args.cases.split(",") if c] or [n for n, (w, _, _) in CASES.items() if w == world]
+    everything = {**CASES, **{n: (w, layout, None) for n, (w, layout) in RNG_CASES.items()}}
+    wanted = [c for c in args.cases.split(",") if c] or [n for n, (w, _, _) in everything.items() if w == world]
     records = []
     for name in wanted:
-        w, layout, opts = CASES[name]
+        w, layout, opts = everything[name]
         try:
-            rec = run_case(name, layout, opts, world)
+            rec = run_rng_case(name, layout, world) if opts is None else run_case(name, layout, opts, world)
         except Exception as exc:  # record and go on, so one broken layout does not hide the others
             rec = dict(name=name, ok=False, error=f"{type(exc).__name__}: {exc}",
                        traceback=traceback.format_exc()[-3000:])

@@ -4,7 +4,9 @@ One group of 2 and one group of 4 gloo processes run all their layouts in sequen
 ``parallel_worker.py``); each layout is then asserted on separately here. Per layout: the loss and
 every gradient after one step, and every parameter after three AdamW steps, within 1e-5 relative
 error (per-tensor norm) in fp32; parameters without gradient (F = 1 temporal branch, the last
-block's unused text projections) must be without gradient in both runs.
+block's unused text projections) must be without gradient in both runs. The same groups also
+check that noise, dropout seeds and batch rows are shared inside SP/TP groups and differ across
+data-parallel groups.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parallel_worker import CASES  # noqa: E402
+from parallel_worker import CASES, RNG_CASES  # noqa: E402
 
 from vchitect.parallel.spawn import run_local  # noqa: E402
 
@@ -52,3 +54,11 @@ def test_layout_matches_single_process(name, layout_results):
     assert rec["grad_err"] <= TOL, f"{name}: gradient of {rec['worst_grad']} off by {rec['grad_err']:.2e} (relative)"
     assert rec["param_err"] <= TOL, (f"{name}: after 3 AdamW steps {rec['worst_param']} off by "
                                      f"{rec['param_err']:.2e} (relative)")
+
+
+@pytest.mark.parametrize("name", list(RNG_CASES))
+def test_rng_and_data_follow_data_parallel_groups(name, layout_results):
+    world, layout = RNG_CASES[name]
+    rec = layout_results(world)[name]
+    assert rec["ok"], rec.get("traceback")
+    assert rec["rng_ok"], f"{name} {layout}: " + "; ".join(rec["problems"])
