@@ -104,7 +104,8 @@ def main() -> None:
                                [sample(f"{name}_{i:04d}", sw, sh, n_src, SRC_FPS, clip=c)
                                 for i, c in enumerate(clips)])
             mb = sum(len(c) for c in clips[1:]) / 1e6
-            base = {"mode": "decode", "num_workers": 0, "buckets": [{"height": bh, "width": bw, "frames": frames}],
+            base = {"mode": "decode", "num_workers": 0,
+                    "buckets": [{"height": bh, "width": bw, "frames": frames}],
                     "fps": fps, "max_batch_size": 1, "decode_threads": 1,
                     "shuffle_buffer": 1}  # read inside the timed loop, not all at warm-up
             local = from_dict(DataConfig, {**base, "sources": [{"uri": os.path.dirname(path)}]})

@@ -27,7 +27,8 @@ def save_tokenizer(path, max_len=16):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     from diffusers import AutoencoderKL, AutoencoderKLWan
-    from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import (BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection, T5Config,
+                              T5EncoderModel)
 
     root = tmp_path_factory.mktemp("encoders")
     torch.manual_seed(0)

@@ -320,7 +320,8 @@ def test_brace_and_glob_sources(video_dir):
 def test_synthetic_loader_shapes_and_resume():
     cfg = load_config(None, ["source=synthetic", "latent_channels=4", "text={max_length: 6, dim: 8, "
                              "pooled_dim: 5}", "token_budget=48", "image_ratio=0.5",
-                             "buckets=[{height: 32, width: 48, frames: 5}, {height: 32, width: 32, frames: 1}]"],
+                             "buckets=[{height: 32, width: 48, frames: 5}, "
+                             "{height: 32, width: 32, frames: 1}]"],
                       schema=DataConfig)
     a = build_loader(cfg, 0, 2)
     batches = take(a, 4)
@@ -365,3 +366,15 @@ def test_shuffle_buffer_mixes_within_a_shard_never_across_epochs(tmp_path, clips
     assert keys[:12] != tar_order and sorted(keys[:12]) == tar_order  # epoch 0: a permutation
     assert sorted(keys[12:]) == tar_order and keys[12:] != keys[:12]   # epoch 1: another one
     assert [b["epoch"] for b in batches] == [0] * 12 + [1] * 12
+
+
+def test_precomputed_video_serves_as_image_through_its_first_latent_frame():
+    from vchitect.data.samples import SampleDecoder
+
+    members = {"txt": b"a clip", **precomputed_extra("v", lat_shape=(4, 2, 4, 4))}  # 32×32×5 latent
+    buckets = [{"height": 32, "width": 32, "frames": 5}, {"height": 32, "width": 32, "frames": 1}]
+    video = SampleDecoder(cfg_for("x", mode="precomputed", buckets=buckets))("v", members, 0)
+    image = SampleDecoder(cfg_for("x", mode="precomputed", buckets=buckets, image_ratio=1.0))("v", members, 0)
+    assert video.bucket == Bucket(32, 32, 5) and video.arrays["latents"].shape == (4, 2, 4, 4)
+    assert image.bucket == Bucket(32, 32, 1) and image.arrays["latents"].shape == (4, 1, 4, 4)
+    assert np.array_equal(image.arrays["latents"][:, 0], video.arrays["latents"][:, 0])

@@ -5,7 +5,9 @@
     ckpt["data"] = loader.state_dict()        # per DP rank; all SP/TP ranks of a group hold the same
     loader.load_state_dict(ckpt["data"])      # then iterate again: continues exactly
 
-SP/TP ranks pass their group's ``dp_rank`` and therefore receive identical batches.
+SP/TP ranks pass their group's ``dp_rank`` and therefore receive identical batches. Iterate one
+iterator at a time: each ``iter(loader)`` starts worker processes from the state of the batches
+delivered so far.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ import numpy as np
 def make_clip(width: int, height: int, frames: int, fps: int = 24, pattern: str = "level",
               crf: int = 23) -> bytes:
     """An H.264 mp4. ``level``: frame i is flat grey 8·i mod 256 (its index can be read back from
-    the decoded pixels); anything else: a smooth moving texture, varied by the name (realistic bitrate for benchmarks)."""
+    the decoded pixels); anything else: a smooth moving texture, varied by the name (a realistic
+    bitrate for benchmarks)."""
     import av
 
     buf = io.BytesIO()
