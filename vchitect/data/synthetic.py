@@ -46,7 +46,7 @@ class SyntheticLoader:
             "text_mask": torch.arange(L)[None, :] < lengths[:, None],  # B×L
             "pooled": torch.randn(B, P, generator=g),
             "captions": [f"synthetic caption {k}" for k in keys], "keys": keys,
-            "bucket": (b.height, b.width, b.frames), "epoch": 0,
+            "bucket": (b.height, b.width, b.frames), "epoch": 0, "epochs": [0] * B,
         }
 
     def __iter__(self) -> Iterator[dict]:
