@@ -81,6 +81,33 @@ def process_video(local_path: str, item, cfg) -> InputResult:
     return res
 
 
+DETECT_SIZE = 128  # long side (px) of the frames the shot detector sees
+
+
+def detection_frame(frame, fallback_size: tuple[int, int]) -> np.ndarray:
+    """A small RGB frame for shot detection, by striding the planes of a yuv420p frame.
+
+    Hard cuts survive subsampling; skipping the scaler makes detection nearly free next to the
+    decode itself. Other pixel formats go through the scaler.
+    """
+    w, h = frame.width, frame.height
+    k = max(1, max(w, h) // DETECT_SIZE)
+    if frame.format.name not in ("yuv420p", "yuvj420p") or k < 2:
+        return frame.to_ndarray(width=fallback_size[0], height=fallback_size[1], format="rgb24")
+    planes = []
+    for idx, step in ((0, k), (1, k // 2), (2, k // 2)):
+        p = frame.planes[idx]
+        arr = np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width]
+        planes.append(arr[::step, ::step])
+    y = planes[0]
+    u = planes[1][: y.shape[0], : y.shape[1]]
+    v = planes[2][: y.shape[0], : y.shape[1]]
+    if u.shape != y.shape or v.shape != y.shape:
+        u = cv2.resize(np.ascontiguousarray(planes[1]), (y.shape[1], y.shape[0]), interpolation=cv2.INTER_NEAREST)
+        v = cv2.resize(np.ascontiguousarray(planes[2]), (y.shape[1], y.shape[0]), interpolation=cv2.INTER_NEAREST)
+    return cv2.cvtColor(np.dstack([y, u, v]), cv2.COLOR_YUV2RGB)
+
+
 def _iter_frames(path: str):
     """Decoded frames in order; the position in this sequence is the frame index."""
     with av.open(path) as container:
@@ -101,8 +128,7 @@ def _cut_and_score(path: str, pr: ProbeResult, item, cfg, res: InputResult) -> N
                        fps=fps)
     n = 0
     for frame in _iter_frames(path):
-        det.push(frame.to_ndarray(width=a_size[0], height=a_size[1], format="rgb24",
-                                  interpolation="AREA"))
+        det.push(detection_frame(frame, a_size))
         n += 1
     if n == 0:
         raise Rejected("zero_duration", "no decodable frames")
@@ -258,7 +284,11 @@ class _ClipEncoder:
         self.n = 0
 
     def add(self, frame) -> None:
-        vf = frame.reformat(width=self.size[0], height=self.size[1], format="yuv420p")
+        if (frame.width, frame.height) == self.size and frame.format.name == "yuv420p":
+            vf = frame
+            vf.pict_type = 0  # AV_PICTURE_TYPE_NONE: let x264 choose frame types, not the source's
+        else:
+            vf = frame.reformat(width=self.size[0], height=self.size[1], format="yuv420p")
         vf.pts = self.n
         vf.time_base = Fraction(1) / self.rate
         for p in self.stream.encode(vf):

@@ -17,7 +17,7 @@ class ShotDetector:
     def __init__(self, kind: str = "content", *, threshold: float = 27.0, adaptive_threshold: float = 3.0,
                  min_scene_frames: int = 8, transnet_threshold: float = 0.5, fps: float = 25.0):
         self.kind = kind
-        self.fps = fps
+        self.fps = float(fps)
         self.cuts: list[int] = []
         self.n = 0
         self._frames: list[np.ndarray] = []
