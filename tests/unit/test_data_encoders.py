@@ -95,7 +95,8 @@ def test_encode_batch_turns_a_decode_batch_into_latents(folders):
                                               "text_encoder_path": str(folders / "t5")}})
     vae, te = load_encoders(cfg)
     with pytest.raises(ValueError, match="needs data.encoders.vae_path"):
-        load_encoders(from_dict(DataConfig, {"sources": [{"uri": "x"}], "mode": "auto"}))
+        load_encoders(from_dict(DataConfig, {"sources": [{"uri": "x"}], "mode": "decode"}))
+    assert load_encoders(from_dict(DataConfig, {"sources": [{"uri": "x"}], "mode": "auto"})) == (None, None)
     batch = {"pixels": torch.randint(0, 256, (2, 3, 1, 16, 16), dtype=torch.uint8),
              "captions": ["a dog", "the city at night"], "keys": ["k0", "k1"], "bucket": (16, 16, 1)}
     out = encode_batch(batch, vae, te)

@@ -40,14 +40,15 @@ def vae_encode_split(encode: Callable[[torch.Tensor], torch.Tensor], pixels: tor
 def load_encoders(cfg, device: str | torch.device = "cpu"):
     """(vae, text_encoder) from ``cfg.encoders`` (a :class:`DataConfig`); None for an unset path.
 
-    Decode mode needs both; precomputed batches need neither."""
+    Decode mode needs both (checked here); precomputed batches need neither; in auto mode a batch
+    that needs them and lacks them fails in :func:`encode_batch` with the same advice."""
     from vchitect.models.encoders import load_text_encoder, load_vae
 
     e = cfg.encoders
     vae = load_vae(e.vae_path, device, e.dtype, e.sample_posterior) if e.vae_path else None
     text = load_text_encoder(e.text_encoder_path, e.text_encoder_kind, cfg.text.max_length, device,
                              e.dtype, e.pooled_encoder_path) if e.text_encoder_path else None
-    if cfg.source == "shards" and cfg.mode != "precomputed" and (vae is None or text is None):
+    if cfg.source == "shards" and cfg.mode == "decode" and (vae is None or text is None):
         raise ValueError(f"data.mode={cfg.mode} decodes videos, which needs data.encoders.vae_path and "
                          f"data.encoders.text_encoder_path (local folders); set both, or use "
                          f"mode=precomputed with shards that hold latent.npy / text.npy")
