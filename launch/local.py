@@ -48,12 +48,14 @@ def launch(nproc: int, argv: list[str], threads_per_rank: int | None = None, gra
     try:
         codes: dict[int, int] = {}
         failed_at = None
+        first_failure = None  # the code of the rank that failed first: the cause, not the clean-up
         while len(codes) < nproc:
             for rank, p in enumerate(procs):
                 if rank not in codes and p.poll() is not None:
                     codes[rank] = p.returncode
                     if p.returncode not in (0, 75) and failed_at is None:
                         failed_at = time.time()
+                        first_failure = p.returncode
                         print(f"[launch] rank {rank} exited with {p.returncode}; stopping the other ranks",
                               file=sys.stderr)
                         for q in procs:
@@ -67,8 +69,6 @@ def launch(nproc: int, argv: list[str], threads_per_rank: int | None = None, gra
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    bad = [c for c in codes.values() if c not in (0, 75)]
-    if bad:
-        first = min(r for r, c in codes.items() if c not in (0, 75))
-        return codes[first] if codes[first] > 0 else 128 - codes[first]
+    if first_failure is not None:
+        return first_failure if first_failure > 0 else 128 - first_failure  # -9 (killed) → 137
     return 75 if any(c == 75 for c in codes.values()) else 0

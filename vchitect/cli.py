@@ -153,9 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .parallel.dims import ParallelLayoutError
+
     try:
         return args.func(args) or 0
-    except ConfigError as exc:
+    except (ConfigError, ParallelLayoutError) as exc:
         console.print(f"[bold red]config error:[/] {exc}", highlight=False)
         return 2
 

@@ -161,3 +161,19 @@ class Checkpointer:
             raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint (a step-XXXXXXXXX "
                                     f"folder with .metadata and {META_NAME}); use auto, none or such a folder")
         return path
+
+
+def load_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
+    """The full (unsharded) tensors under ``prefix`` of a checkpoint, read in this one process without
+    a process group, whatever number of ranks saved it. Other entries are not read."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    tensors = {}
+    for key, md in meta.state_dict_metadata.items():
+        if key.startswith(prefix + ".") and isinstance(md, TensorStorageMetadata):
+            tensors[key[len(prefix) + 1:]] = torch.empty(md.size, dtype=md.properties.dtype)
+    if not tensors:
+        raise KeyError(f"{path} has no '{prefix}' entries")
+    dcp.load({prefix: tensors}, checkpoint_id=str(path), no_dist=True)
+    return tensors

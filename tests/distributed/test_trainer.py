@@ -1,0 +1,207 @@
+"""The trainer end to end on CPU with gloo: exact resume, partial checkpoints, SIGTERM, resharding,
+frozen parameters, non-finite losses and bad configs. Every run is a real `vchitect launch`."""
+
+import json
+import os
+import signal
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vchitect.train.checkpoint import complete_checkpoints, find_latest, load_tensors
+
+TINY_RUN = {
+    "include": str(Path("configs/model/tiny.yaml").resolve()),
+    "parallel": {"dp_shard": -1},
+    "data": {"source": "synthetic", "buckets": [{"height": 8, "width": 8, "frames": 3}],
+             "vae_spatial_factor": 1, "vae_temporal_factor": 1, "token_budget": 96, "text": {"max_length": 6},
+             "num_workers": 0},
+    "diffusion": {"text_dropout": 0.2},
+    "train": {"steps": 12, "lr": 1e-3, "warmup_steps": 2, "schedule": "cosine", "weight_decay": 0.01,
+              "ema_decay": 0.9, "checkpoint_every": 6, "keep_checkpoints": 5, "log_every": 1, "progress": False,
+              "tensorboard": False, "wandb": {"mode": "disabled"}},
+}
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def write_config(tmp: Path, name: str = "run.yaml", **sections) -> Path:
+    cfg = json.loads(json.dumps(TINY_RUN))
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def vchitect(*args, nproc: int | None = None, timeout: float = 300, check: bool = True):
+    cmd = [sys.executable, "-m", "vchitect.cli"]
+    if nproc:
+        cmd += ["launch", "--nproc", str(nproc)]
+    r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=ENV)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]  # a resumed run rewrites later steps; the last record wins
+    return out
+
+
+def assert_same_tensors(a: dict, b: dict, exact: bool = True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Run A: 2 processes (dp_shard 2), 12 steps, checkpoints at 6 and 12, never interrupted."""
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = write_config(tmp, train={"output_dir": str(tmp / "run")})
+    vchitect("train", cfg, nproc=2)
+    return tmp / "run"
+
+
+def test_reference_run_writes_metrics_checkpoints_and_ema(reference):
+    assert [p.name for p in complete_checkpoints(reference / "checkpoints")] == ["step-000000006", "step-000000012"]
+    recs = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 13))
+    for key in ("loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "tflops", "peak_mem_gib", "data_wait"):
+        assert key in recs[-1], key
+    model = load_tensors(reference / "checkpoints" / "step-000000012")
+    ema = load_tensors(reference / "checkpoints" / "step-000000012", "ema")
+    assert set(ema) <= set(model) and len(ema) > 0
+    assert any(not torch.equal(ema[k], model[k]) for k in ema)  # EMA lags behind the weights
+
+
+def test_exact_resume_after_sigkill(reference, tmp_path):
+    cfg = write_config(tmp_path, train={"output_dir": str(tmp_path / "run"), "simulate_crash": "after_save:6"})
+    r = vchitect("train", cfg, nproc=2, check=False)
+    assert r.returncode != 0
+    assert find_latest(tmp_path / "run" / "checkpoints").name == "step-000000006"
+    assert max(losses(tmp_path / "run")) == 6
+    cfg = write_config(tmp_path, train={"output_dir": str(tmp_path / "run")})
+    vchitect("train", cfg, nproc=2)
+    assert losses(tmp_path / "run") == losses(reference)  # bitwise: floats compare exactly
+    final = tmp_path / "run" / "checkpoints" / "step-000000012"
+    assert_same_tensors(load_tensors(final), load_tensors(reference / "checkpoints" / "step-000000012"))
+    assert_same_tensors(load_tensors(final, "ema"), load_tensors(reference / "checkpoints" / "step-000000012", "ema"))
+
+
+def test_half_written_checkpoint_is_ignored(reference, tmp_path):
+    cfg = write_config(tmp_path, train={"output_dir": str(tmp_path / "run"), "simulate_crash": "in_save:12"})
+    r = vchitect("train", cfg, nproc=2, check=False)
+    assert r.returncode != 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "step-000000012.tmp").is_dir()  # the crash left the save half done
+    (ckpts / "step-000000011").mkdir()  # and a stray folder without metadata
+    assert find_latest(ckpts).name == "step-000000006"
+    cfg = write_config(tmp_path, train={"output_dir": str(tmp_path / "run")})
+    r = vchitect("train", cfg, nproc=2)
+    assert "resumed from" in r.stderr and "step-000000006" in r.stderr
+    assert losses(tmp_path / "run") == losses(reference)
+    assert_same_tensors(load_tensors(ckpts / "step-000000012"),
+                        load_tensors(reference / "checkpoints" / "step-000000012"))
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_to_the_same_result(reference, tmp_path):
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path, train={"output_dir": str(run), "checkpoint_every": 0})
+    cmd = [sys.executable, "-m", "vchitect.cli", "launch", "--nproc", "2", "train", str(cfg)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err[-3000:]
+    stopped = find_latest(run / "checkpoints")
+    step = int(stopped.name.split("-")[1])
+    assert 2 <= step < 12, "the signal should stop the run early"
+    vchitect("train", cfg, nproc=2)
+    assert losses(run) == losses(reference)
+    assert_same_tensors(load_tensors(run / "checkpoints" / "step-000000012"),
+                        load_tensors(reference / "checkpoints" / "step-000000012"))
+
+
+def test_resume_on_a_different_layout(tmp_path):
+    """Save on 4 processes (dp_shard 2 × sp 2), resume on 2 (dp_shard 2)."""
+    four = tmp_path / "four"
+    cfg4 = write_config(tmp_path, "four.yaml", parallel={"dp_shard": 2, "sp": 2},
+                        train={"output_dir": str(four), "steps": 4, "checkpoint_every": 2})
+    vchitect("train", cfg4, nproc=4)
+    two = tmp_path / "two"
+    (two / "checkpoints").mkdir(parents=True)
+    shutil.copytree(four / "checkpoints" / "step-000000002", two / "checkpoints" / "step-000000002")
+    cfg2 = write_config(tmp_path, "two.yaml", parallel={"dp_shard": 2, "sp": 1},
+                        train={"output_dir": str(two), "steps": 3, "checkpoint_every": 2})
+    r = vchitect("train", cfg2, nproc=2)
+    assert "saved on 4 ranks" in r.stderr
+    got, want = losses(two)[3], losses(four)[3]
+    assert abs(got - want) <= 1e-5 * abs(want), (got, want)
+
+
+def test_frozen_parameters_stay_bit_identical(tmp_path):
+    from vchitect.config import load_config
+    from vchitect.models import VchitectTransformer3DModel
+
+    cfg = write_config(tmp_path, train={"output_dir": str(tmp_path / "run"), "steps": 3, "checkpoint_every": 0,
+                                        "trainable": ["*temporal*"], "ema_decay": 0.0})
+    vchitect("train", cfg, nproc=2)
+    torch.manual_seed(0)  # the trainer's seed: same initial weights
+    model = VchitectTransformer3DModel(**vars(load_config(cfg).model))
+    init, unused = model.state_dict(), set(model.unused_parameter_names())
+    final = load_tensors(tmp_path / "run" / "checkpoints" / "step-000000003")
+    trained = [k for k in final if "temporal" in k and k.endswith("weight") and k not in unused]
+    assert trained and all(not torch.equal(final[k], init[k]) for k in trained)
+    for k, v in final.items():
+        if "temporal" not in k:
+            assert torch.equal(v, init[k]), k
+
+
+def test_non_finite_losses_are_skipped_then_abort(tmp_path):
+    cfg = write_config(tmp_path, train={"output_dir": str(tmp_path / "run"), "lr": 1e20, "grad_clip": 0.0,
+                                        "warmup_steps": 0, "max_nonfinite_steps": 3, "checkpoint_every": 0})
+    r = vchitect("train", cfg, nproc=2, check=False)
+    assert r.returncode != 0
+    assert "3 consecutive steps had a non-finite loss" in r.stderr
+    assert "step skipped" in r.stderr
+
+
+def test_bad_configs_fail_before_any_process_group(tmp_path):
+    cfg = write_config(tmp_path, train={"output_dir": str(tmp_path / "run")})
+    r = vchitect("train", cfg, "train.stepz=3", nproc=2, check=False)
+    assert r.returncode == 2 and "train.stepz" in r.stdout
+    r = vchitect("train", cfg, "train.lr=fast", nproc=2, check=False)
+    assert r.returncode == 2 and "train.lr='fast': expected a number" in r.stdout
+    r = vchitect("train", cfg, "parallel.sp=3", nproc=2, check=False)
+    assert r.returncode == 2 and "parallel.sp" in r.stdout
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_layout_error_is_raised_before_init_process_group(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from vchitect.config import load_config
+    from vchitect.train.trainer import Trainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(write_config(tmp_path), ["parallel.dp_shard=3"])
+    with pytest.raises(ValueError, match="dp_shard"):
+        Trainer(cfg)
+    assert not dist.is_initialized()
