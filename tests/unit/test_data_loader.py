@@ -307,6 +307,14 @@ def test_image_shards_and_source_weights(tmp_path, clips):
     assert abs(len(imgs) / 60 - 0.75) < 0.17
 
 
+def test_brace_expansion():
+    from vchitect.data.sources import _expand_braces
+
+    assert _expand_braces("s-{000008..000011}.tar") == [f"s-{i:06d}.tar" for i in range(8, 12)]
+    assert _expand_braces("{a,b}/x-{1..2}.tar") == ["a/x-1.tar", "a/x-2.tar", "b/x-1.tar", "b/x-2.tar"]
+    assert _expand_braces("plain.tar") == ["plain.tar"]
+
+
 def test_brace_and_glob_sources(video_dir):
     brace = cfg_for(str(video_dir / "train-{000000..000001}.tar"), mode="decode")
     glob = cfg_for(str(video_dir / "train-00000[01].tar"), mode="decode")

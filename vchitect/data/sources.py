@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob as globlib
 import logging
 import os
+import re
 import tarfile
 import time
 from typing import Callable, Iterator, Optional
@@ -31,9 +32,20 @@ def s3_filesystem(s3: S3Config):
 
 
 def _expand_braces(pattern: str) -> list[str]:
-    from braceexpand import braceexpand
-
-    return list(braceexpand(pattern))
+    """``a-{000..002}.tar`` → a-000.tar, a-001.tar, a-002.tar; ``{x,y}`` → x, y; several groups."""
+    m = re.search(r"\{([^{}]*)\}", pattern)  # innermost group first
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        lo, hi = int(rng.group(1)), int(rng.group(2))
+        width = len(rng.group(1)) if rng.group(1).startswith("0") else 0
+        step = 1 if hi >= lo else -1
+        parts = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+    else:
+        parts = body.split(",")
+    return [out for p in parts for out in _expand_braces(head + p + tail)]
 
 
 def scrub(text: str, s3: S3Config) -> str:
