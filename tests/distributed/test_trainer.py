@@ -205,3 +205,25 @@ def test_layout_error_is_raised_before_init_process_group(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="dp_shard"):
         Trainer(cfg)
     assert not dist.is_initialized()
+
+
+def test_validation_samples_prompts_into_gifs_and_tensorboard(tmp_path):
+    from tests.helpers_ckpt import make_encoders
+
+    enc = make_encoders(tmp_path / "enc", d_model=16)
+    cfg = write_config(
+        tmp_path, model={"in_channels": 3, "joint_attention_dim": 16, "pooled_projection_dim": 16},
+        data={"encoders": {"text_encoder_path": str(enc["text_encoder"]), "text_encoder_kind": "t5",
+                           "dtype": "float32"}},
+        train={"output_dir": str(tmp_path / "run"), "steps": 2, "checkpoint_every": 0, "tensorboard": True,
+               "validation": {"every": 2, "prompts": ["a red circle", "a blue square"], "steps": 2,
+                              "frames": 2, "height": 8, "width": 8}})
+    vchitect("train", cfg, nproc=2)
+    out = tmp_path / "run" / "samples" / "step-000000002"
+    assert sorted(p.name for p in out.glob("*.gif")) == ["00.gif", "01.gif"]
+    assert (out / "prompts.txt").read_text().splitlines() == ["a red circle", "a blue square"]
+    from PIL import Image
+
+    with Image.open(out / "00.gif") as gif:
+        assert gif.size == (8, 8) and gif.n_frames == 2
+    assert list((tmp_path / "run" / "tb").glob("events.*"))

@@ -101,6 +101,7 @@ class Trainer:
         self.model.train()
         parallelize(self.model, self.dims, cfg.parallel, device_type=self.device_type)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.sp_group = self.dims.mesh("sp").get_group() if self.dims.sp_enabled else None
 
         self.optimizer = build_optimizer(self.model, tc, self.device_type)
         self.scheduler = build_scheduler(self.optimizer, tc)
@@ -138,14 +139,9 @@ class Trainer:
             init_from_sd3(path, self.model)
 
     def _load_encoders(self):
-        enc = self.cfg.data.encoders
-        if not (enc.vae_path or enc.text_encoder_path):
-            return None, None
-        from vchitect.models import encoders
+        from vchitect.data.encode import load_encoders
 
-        vae = encoders.load_vae(enc, self.device) if enc.vae_path else None
-        text = encoders.load_text_encoder(enc, self.device) if enc.text_encoder_path else None
-        return vae, text
+        return load_encoders(self.cfg.data, self.device)
 
     def _null_text(self) -> NullText:
         d = self.cfg.data.text
@@ -212,7 +208,7 @@ class Trainer:
         samples = tokens = 0
         manual_seed(tc.seed, self.dims, self.step)  # dropout: equal within an SP/TP group
         for micro, batch in enumerate(batches):
-            batch = encode_batch(batch, self.vae, self.text_encoder, self.device)
+            batch = encode_batch(batch, self.vae, self.text_encoder, self.device, sp_group=self.sp_group)
             g = generator_for_rank(tc.seed, self.dims, step=self.step * accum + micro)
             x0 = batch["latents"]
             B, _, Fr, H, W = x0.shape
