@@ -45,19 +45,19 @@ def blip(tmp_path_factory):
     return save_tiny_blip(str(tmp_path_factory.mktemp("models") / "tiny-blip"))
 
 
-def _overrides(root, out, blip):
-    # The VLM is configured but every clip of the synthetic manifest has a source caption.
-    return [f"input.path={root}/manifest.jsonl", f"output.path={out}", f"caption.vlm_path={blip}",
-            "caption.max_new_tokens=6"]
+def _overrides(root, out):
+    # Every clip of the synthetic manifest has a source caption; the VLM runs in the S3 and
+    # bad-input tests, whose inputs have none.
+    return [f"input.path={root}/manifest.jsonl", f"output.path={out}"]
 
 
 @pytest.fixture(scope="module")
-def curated(ray_cluster, corpus, blip, tmp_path_factory):
+def curated(ray_cluster, corpus, tmp_path_factory):
     from data_pipeline.pipeline import run
 
     root, truth = corpus
     out = str(tmp_path_factory.mktemp("curated") / "out")
-    cfg = load_curate_config(CONFIG, _overrides(root, out, blip))
+    cfg = load_curate_config(CONFIG, _overrides(root, out))
     t0 = time.time()
     stats = run(cfg, progress=False)
     return {"out": out, "stats": stats, "truth": truth, "root": root, "seconds": time.time() - t0}
@@ -194,7 +194,7 @@ def _with_credentials(cfg, s3):
     return cfg
 
 
-def test_s3_input_prefix_and_s3_output(ray_cluster, corpus, blip, s3_server):
+def test_s3_input_prefix_and_s3_output(ray_cluster, corpus, blip, s3_server, tmp_path):
     from data_pipeline.pipeline import run
 
     root, truth = corpus
@@ -220,6 +220,15 @@ def test_s3_input_prefix_and_s3_output(ray_cluster, corpus, blip, s3_server):
                     assert meta["caption_source"] == "vlm:tiny-blip"  # no source captions on a bare prefix
                     n += 1
     assert n == expected
+    # the report reads an s3:// output too
+    from data_pipeline.report import report
+
+    lines = []
+    pngs = report("s3://curate-s3/shards", str(tmp_path / "plots"),
+                  _s3_overrides(s3_server) + [f"storage.options={{key: {s3_server['key']}, "
+                                              f"secret: {s3_server['secret']}}}"], echo=lines.append)
+    assert any(line.split() == ["clips_written", str(expected)] for line in lines)
+    assert len(pngs) >= 2 and all(os.path.exists(p) for p in pngs)
     # credentials never reach the outputs
     for name in ("stats.json", "index.json", "rejected.jsonl"):
         assert s3_server["secret"].encode() not in fs.cat_file(f"curate-s3/shards/{name}")
@@ -263,9 +272,21 @@ def test_bad_inputs_are_all_accounted_for(ray_cluster, corpus, blip, s3_server, 
 # ----------------------------------------------------------------------------- resume
 
 
-def _cli(cfg_path, address):
-    return subprocess.Popen([sys.executable, "-m", "data_pipeline.cli", "run", cfg_path, "--no-progress",
-                             "--address", address], cwd=REPO, stdout=subprocess.PIPE,
+def _cli(cfg_path, address=None, kill_after_first_shard=False):
+    args = ["run", cfg_path, "--no-progress"] + (["--address", address] if address else [])
+    if not kill_after_first_shard:
+        code = "import sys; from data_pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    else:  # the process SIGKILLs itself right after the first shard file is complete
+        code = ("import os, signal, sys\n"
+                "from data_pipeline import writer\n"
+                "close = writer.ShardWriter._close\n"
+                "def close_then_die(self):\n"
+                "    close(self)\n"
+                "    os.kill(os.getpid(), signal.SIGKILL)\n"
+                "writer.ShardWriter._close = close_then_die\n"
+                "from data_pipeline.cli import main\n"
+                "sys.exit(main(sys.argv[1:]))\n")
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
 
 
@@ -280,11 +301,11 @@ def _wait_for(pred, proc, timeout=120.0):
     return True
 
 
-def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, blip, tmp_path):
+def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, tmp_path):
     root, ref = curated["root"], curated["out"]
     out = tmp_path / "resumed"
     cfg = {"include": CONFIG}
-    for o in _overrides(root, str(out), blip) + ["ray.batch_size=1"]:
+    for o in _overrides(root, str(out)) + ["ray.batch_size=1"]:
         section, key = o.split("=", 1)[0].split(".")
         cfg.setdefault(section, {})[key] = yaml.safe_load(o.split("=", 1)[1])
     cfg_path = tmp_path / "resume.yaml"
@@ -292,8 +313,9 @@ def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, blip, tmp_pa
     done = out / "_work" / "done"
     n_inputs = curated["stats"]["counts"]["inputs"]
 
-    # 1. kill while inputs are being processed
-    p = _cli(str(cfg_path), ray_cluster)
+    # 1. kill while inputs are being processed (this run starts its own local Ray; the next ones
+    #    join the test's cluster with --address)
+    p = _cli(str(cfg_path))
     assert _wait_for(lambda: done.exists() and any(done.iterdir()), p), p.communicate()[0].decode()[-3000:]
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -301,12 +323,13 @@ def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, blip, tmp_pa
     assert 0 < len(first) < n_inputs
     assert not (out / "_SUCCESS").exists()
 
-    # 2. rerun; kill once shards appear
-    p = _cli(str(cfg_path), ray_cluster)
-    _wait_for(lambda: (out / "shard-000000.tar").exists(), p)
-    p.send_signal(signal.SIGKILL)
-    log2 = p.communicate()[0].decode()
+    # 2. rerun; killed by SIGKILL as soon as the first shard has been written
+    p = _cli(str(cfg_path), ray_cluster, kill_after_first_shard=True)
+    log2 = p.communicate(timeout=300)[0].decode()
+    assert p.returncode == -signal.SIGKILL, log2[-3000:]
     assert f"{len(first)} already finished" in log2, log2[-3000:]
+    assert (out / "shard-000000.tar").exists() and not (out / "_SUCCESS").exists()
+    assert not (out / "shard-000001.tar").exists() and not (out / "index.json").exists()
 
     # 3. rerun to the end
     p = _cli(str(cfg_path), ray_cluster)
