@@ -3,8 +3,9 @@
 The contract (see vchitect/export/export.py): ``RUN/checkpoints/step-{step:09d}/`` is a DCP directory
 (written as ``….tmp`` and renamed) whose state dict holds ``model`` (plain FQNs of
 ``VchitectTransformer3DModel.state_dict()``), ``ema`` (trainable parameters only), and optimizer /
-lr_scheduler / dataloader / rng / step entries; next to ``.metadata`` sits ``vchitect.json``
-``{"step", "config", "world_size"}``.
+lr_scheduler / step / ``dataloader_dp{r}`` / ``rng_rank{r}`` entries (names as in
+vchitect/train/checkpoint.py); next to ``.metadata`` sits ``vchitect.json`` ``{"step", "config",
+"world_size", "layout"}``.
 
 Distributed use (4 gloo ranks, each holding an FSDP2-sharded model)::
 
@@ -68,15 +69,16 @@ def write_checkpoint(run_dir: str | Path, step: int, model, config: dict, with_e
         "model": model_sd,
         "optimizer": {"state": {name: {"exp_avg": torch.zeros_like(p)} for name, p in list(model_sd.items())[:3]}},
         "lr_scheduler": {"last_epoch": step},
-        "dataloader": {"cursor": [step, 7]},
-        "rng": {"torch": torch.tensor([1, 2, 3])},
+        "dataloader_dp0": {"cursor": [step, 7]},
+        f"rng_rank{rank}": {"torch": torch.tensor([1, 2, 3])},
         "step": step,
     }
     if with_ema:
         state["ema"] = ema_of(model)
     dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed)
     if rank == 0:
-        (tmp / "vchitect.json").write_text(json.dumps({"step": step, "config": config, "world_size": world}))
+        (tmp / "vchitect.json").write_text(json.dumps({"step": step, "config": config, "world_size": world,
+                                                            "layout": {"dp_shard": world}}))
     if distributed:
         dist.barrier()
     if rank == 0:

@@ -139,6 +139,13 @@ def test_pixel_space_pipeline_without_encoders(tmp_path):
     frames = pipe(prompt_embeds=text, num_frames=2, height=8, width=8, num_inference_steps=2, guidance_scale=1.0,
                   generator=torch.Generator().manual_seed(0), output_type="pt").frames
     assert frames.shape == (1, 2, 3, 8, 8) and 0 <= frames.min() and frames.max() <= 1
+    images = pipe(prompt_embeds=text, num_frames=2, height=8, width=8, num_inference_steps=1, guidance_scale=1.0,
+                  output_type="pil").frames
+    assert len(images) == 1 and len(images[0]) == 2 and images[0][0].size == (8, 8)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(prompt_embeds=text, output_type="mp4")
+    with pytest.raises(ValueError, match="multiples of 2"):
+        pipe(prompt_embeds=text, height=9, width=8, num_inference_steps=1, guidance_scale=1.0)
     with pytest.raises(ValueError, match="no text encoder"):
         pipe("a cat", num_inference_steps=1)
 
@@ -168,3 +175,17 @@ def test_cli_export_and_sample_write_files(ckpt, tmp_path, capsys):
 
     with av.open(str(tmp_path / "v.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 3
+
+
+def test_pipeline_schedule_follows_the_exported_shift():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from vchitect.diffusion.sampling import flow_sigmas
+
+    model = build_model(0)
+    fixed = VchitectPipeline(model, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert torch.allclose(fixed.sigmas(6, tokens=64, device="cpu"), flow_sigmas(6, 3.0), atol=1e-6)
+    # resolution-dependent: s = shift · sqrt(tokens / shift_reference_tokens), as in training
+    dynamic = VchitectPipeline(model, FlowMatchEulerDiscreteScheduler(shift=2.0, use_dynamic_shifting=True),
+                               shift_reference_tokens=16)
+    assert torch.allclose(dynamic.sigmas(6, tokens=64, device="cpu"), flow_sigmas(6, 4.0), atol=1e-6)
