@@ -247,8 +247,24 @@ def _convert(key: str, value: Any, tp, meta) -> Any:
     return value
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+SECRET_KEYS = {"key", "secret", "password", "token", "api_key"}
+
+
+def to_dict(cfg, redact: bool = True) -> dict:
+    """The config as plain data. Credentials (``key``, ``secret``, … under a section named ``s3`` or
+    ending in ``credentials``) are replaced by ``<redacted>`` unless ``redact=False``: this is what
+    is printed, logged, and written into run folders and checkpoints."""
+    data = dataclasses.asdict(cfg)
+    return _redact(data) if redact else data
+
+
+def _redact(node, in_credentials: bool = False):
+    if isinstance(node, dict):
+        return {k: ("<redacted>" if in_credentials and k in SECRET_KEYS and v is not None
+                    else _redact(v, k == "s3" or k.endswith("credentials"))) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redact(v, in_credentials) for v in node]
+    return node
 
 
 def to_yaml(cfg) -> str:

@@ -58,3 +58,23 @@ def test_round_trip_through_yaml(tmp_path):
 def test_every_field_is_documented():
     for key, _type, _default, help_text in describe(Config):
         assert help_text.strip(), f"{key} has no help text"
+
+
+@pytest.mark.parametrize("name", ["demo", "image-256", "joint-256", "video-480p"])
+def test_train_configs_load_and_fit_their_model(name):
+    cfg = load_config(f"configs/train/{name}.yaml")
+    cfg.check_data_fits_model()
+    assert cfg.train.output_dir.startswith("runs/")
+
+
+def test_data_that_does_not_fit_the_model_is_named():
+    cfg = load_config("configs/train/image-256.yaml", ["data.text.dim=768"])
+    with pytest.raises(ConfigError, match="data.text.dim=768 does not match model.joint_attention_dim=4096"):
+        cfg.check_data_fits_model()
+
+
+def test_credentials_are_never_printed():
+    cfg = load_config("configs/train/demo.yaml", ["data.s3.key=AKIASECRETKEY", "data.s3.secret=hunter2"])
+    text = to_yaml(cfg)
+    assert "AKIASECRETKEY" not in text and "hunter2" not in text and "<redacted>" in text
+    assert cfg.data.s3.key == "AKIASECRETKEY"  # the run itself still has them
