@@ -6,6 +6,9 @@
                                                   parameter count and step FLOPs
     vchitect train CONFIG [key=value …] [--resume auto|none|DIR]
     vchitect launch --nproc N train CONFIG …      N local ranks (signals forwarded)
+    vchitect export CKPT OUT [--ema] [--dtype …]  checkpoint → diffusers pipeline folder
+    vchitect sample (CONFIG CKPT | EXPORT_DIR) --prompt … --out video.mp4
+    vchitect submit (train|curate) CONFIG --nodes N --gpus-per-node G [--dry-run]
     vchitect demo                                 forward + backward smoke run of the demo model
 """
 
@@ -97,6 +100,12 @@ def cmd_launch(args) -> int:
     return launch(args.nproc, args.command_argv)
 
 
+def cmd_submit(args) -> int:
+    from launch.slurm import submit
+
+    return submit(args)
+
+
 def cmd_demo(args) -> int:
     from .smoke import run_smoke
 
@@ -143,6 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
     p_launch.add_argument("--nproc", type=int, required=True, help="number of ranks (processes)")
     p_launch.add_argument("command_argv", nargs=argparse.REMAINDER, help="the command, e.g. train CONFIG …")
     p_launch.set_defaults(func=cmd_launch)
+
+    from .export.cli import add_export_parser, add_sample_parser
+
+    add_export_parser(sub)
+    add_sample_parser(sub)
+
+    p_submit = sub.add_parser("submit", help="render a Slurm batch script from a config and sbatch it")
+    p_submit.add_argument("kind", choices=["train", "curate"], help="what the job runs")
+    p_submit.add_argument("config", help="run config (train) or curation config (curate)")
+    p_submit.add_argument("overrides", nargs="*", help="dotted overrides passed to the job")
+    p_submit.add_argument("--nodes", type=int, required=True, help="nodes (one task per node)")
+    p_submit.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node; 0 = CPU job")
+    p_submit.add_argument("--cpus-per-node", type=int, default=None, help="CPUs per task (default: Slurm's)")
+    p_submit.add_argument("--partition", default=None, help="Slurm partition")
+    p_submit.add_argument("--time", default=None, help="time limit, e.g. 48:00:00")
+    p_submit.add_argument("--account", default=None, help="Slurm account")
+    p_submit.add_argument("--qos", default=None, help="Slurm QOS")
+    p_submit.add_argument("--job-name", default=None, help="job name (default vchitect-<kind>)")
+    p_submit.add_argument("--signal-seconds", type=int, default=300,
+                          help="seconds before the time limit at which Slurm sends USR1 (checkpoint + requeue)")
+    p_submit.add_argument("--log-dir", default=None, help="where job logs go (default: <output_dir>/slurm)")
+    p_submit.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH line, repeatable")
+    p_submit.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    p_submit.set_defaults(func=cmd_submit)
 
     p_demo = sub.add_parser("demo", help="run the demo (currently: forward + backward of the demo model)")
     p_demo.add_argument("--config", default=None, help="model config (default: configs/model/demo.yaml)")
