@@ -26,7 +26,7 @@ from .config import CurateConfig, config_fingerprint, storage_options
 from .sources import SourceItem, list_sources
 from .stages.clip import InputResult, process_video
 from .stages.latents import check_latents
-from .stages.models import Captioner, ModelFilters
+from .stages.models import Captioner, ModelFilters, attach_source_captions
 from .stages.probe import Rejected
 from .writer import finalize, finished_ids, write_record
 
@@ -73,12 +73,11 @@ class _ModelFilterActor:
 
 
 class _CaptionActor:
-    def __init__(self, cfg, items):
+    def __init__(self, cfg):
         self.fn = Captioner(cfg)
-        self.items = items
 
     def __call__(self, batch):
-        return _repack_batch(self.fn(_unpack_batch(batch), self.items))
+        return _repack_batch(self.fn(_unpack_batch(batch)))
 
 
 # ----------------------------------------------------------------------------- progress
@@ -140,10 +139,8 @@ def _start_ray(cfg: CurateConfig, address: Optional[str]) -> bool:
     return True
 
 
-def _check_resources(cfg: CurateConfig, uses_models: bool, uses_vlm: bool) -> None:
-    import ray
-
-    cpus = float(ray.cluster_resources().get("CPU", 0))
+def check_resources(cfg: CurateConfig, cpus: float, uses_models: bool, uses_vlm: bool) -> None:
+    """Refuse a plan whose actor pools leave no CPU for the video tasks that feed them."""
     held = (cfg.ray.model_actors * cfg.ray.model_actor_cpus if uses_models else 0) + \
            (cfg.ray.caption_actors * cfg.ray.model_actor_cpus if uses_vlm else 0)
     if held + cfg.ray.video_task_cpus > cpus + 1e-9:
@@ -177,7 +174,7 @@ def run(cfg: CurateConfig, *, address: Optional[str] = None, progress: bool = Tr
     if todo:
         started = _start_ray(cfg, address)
         try:
-            _run_ray(cfg, todo, by_id, options, uses_models, uses_vlm, progress)
+            _run_ray(cfg, todo, options, uses_models, uses_vlm, progress)
         finally:
             if started:
                 import ray
@@ -214,7 +211,7 @@ def json_compact(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "none"
 
 
-def _run_ray(cfg, todo, by_id, options, uses_models, uses_vlm, progress) -> None:
+def _run_ray(cfg, todo, options, uses_models, uses_vlm, progress) -> None:
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -222,10 +219,13 @@ def _run_ray(cfg, todo, by_id, options, uses_models, uses_vlm, progress) -> None
     ctx.verbose_progress = False
     if hasattr(ctx, "print_on_execution_start"):
         ctx.print_on_execution_start = False
-    _check_resources(cfg, uses_models, uses_vlm)
+    check_resources(cfg, float(ray.cluster_resources().get("CPU", 0)), uses_models, uses_vlm)
 
     def video_stage(row: dict) -> dict:
-        return _pack(run_video_stage(SourceItem.from_row(row), cfg, options))
+        item = SourceItem.from_row(row)
+        res = run_video_stage(item, cfg, options)
+        attach_source_captions(res, item, cfg.caption.mode)
+        return _pack(res)
 
     # One input per block (up to 10k blocks): records stream back, and so resume, per input.
     ds = ray.data.from_items([it.to_row() for it in todo], override_num_blocks=min(len(todo), 10_000))
@@ -236,9 +236,8 @@ def _run_ray(cfg, todo, by_id, options, uses_models, uses_vlm, progress) -> None
                             compute=ray.data.ActorPoolStrategy(size=cfg.ray.model_actors),
                             num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy")
     if uses_vlm:
-        items = {it.source_id: it for it in todo}
         gpu = {"num_gpus": cfg.ray.caption_gpus} if cfg.ray.caption_gpus else {}
-        ds = ds.map_batches(_CaptionActor, fn_constructor_kwargs={"cfg": cfg, "items": items},
+        ds = ds.map_batches(_CaptionActor, fn_constructor_kwargs={"cfg": cfg},
                             batch_size=cfg.ray.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.ray.caption_actors),
                             num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy", **gpu)
@@ -247,6 +246,6 @@ def _run_ray(cfg, todo, by_id, options, uses_models, uses_vlm, progress) -> None
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             for res in _unpack_batch(batch):
                 if captioner is not None:
-                    captioner([res], by_id)
+                    captioner([res])
                 write_record(cfg.output.path, res, options)
                 prog.add(res)

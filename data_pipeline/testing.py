@@ -92,7 +92,6 @@ def write_bad_inputs(folder: str, good_video: str | None = None) -> dict[str, st
 
     Names carry spaces, quotes and shell metacharacters on purpose.
     """
-    from fractions import Fraction
 
     import av
     import numpy as np

@@ -1,9 +1,10 @@
 """Per-video CPU work: probe → shot split → clip windows → cheap filters → H.264 clips.
 
 :func:`process_video` is the unit of work a Ray task runs for one input. It decodes the video
-twice: once at analysis size for shot detection, then once sequentially while cutting, scoring
-(blur, motion, perceptual hash, sampled frames for the model stages) and encoding every window.
-It returns an :class:`InputResult`; nothing here knows about Ray.
+twice: once for shot detection (on strided ~128 px copies of each frame), then once sequentially
+while cutting, scoring (blur, motion, perceptual hash and sampled frames for the model stages, at
+``split.analysis_size``) and encoding every window. It returns an :class:`InputResult`; nothing
+here knows about Ray.
 """
 
 from __future__ import annotations

@@ -53,6 +53,16 @@ class ModelFilters:
         return results
 
 
+def attach_source_captions(res: InputResult, item, mode: str) -> None:
+    """Give each clip its source caption (unless ``mode`` is "vlm")."""
+    if mode == "vlm":
+        return
+    for clip in res.clips:
+        src = source_caption(item, clip.start, clip.end)
+        if src:
+            clip.caption, clip.caption_source = src, "source"
+
+
 class Captioner:
     """Source caption when present (and allowed), else the VLM; then the optional template."""
 
@@ -64,16 +74,14 @@ class Captioner:
             self.vlm = VLMCaptioner(c.vlm_path, prompt=c.prompt, max_new_tokens=c.max_new_tokens,
                                     dtype=c.dtype, device=device)
 
-    def __call__(self, results: list[InputResult], items: dict) -> list[InputResult]:
+    def __call__(self, results: list[InputResult], items: Optional[dict] = None) -> list[InputResult]:
+        """Caption every clip; ``items`` (source_id → SourceItem) supplies source captions unless
+        :func:`attach_source_captions` already did."""
         todo = []  # (res, clip) needing the VLM
         for res in results:
-            item = items[res.source_id]
-            for clip in res.clips:
-                src = source_caption(item, clip.start, clip.end) if self.c.mode != "vlm" else None
-                if src:
-                    clip.caption, clip.caption_source = src, "source"
-                else:
-                    todo.append((res, clip))
+            if items is not None:
+                attach_source_captions(res, items[res.source_id], self.c.mode)
+            todo.extend((res, clip) for clip in res.clips if not clip.caption)
         if todo and self.vlm is not None:
             images = []
             for _res, clip in todo:

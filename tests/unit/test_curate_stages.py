@@ -15,7 +15,7 @@ from data_pipeline import synthetic
 from data_pipeline.config import ConfigError, load_curate_config
 from data_pipeline.sources import SourceItem, list_sources, make_source_id
 from data_pipeline.stages.caption import apply_template, source_caption
-from data_pipeline.stages.clip import process_video, sample_frames_rgb
+from data_pipeline.stages.clip import process_video
 from data_pipeline.stages.dedup import find_duplicates
 from data_pipeline.stages import filters
 from data_pipeline.stages.probe import Rejected, probe
@@ -402,3 +402,33 @@ def test_progress_counts_kept_and_rejected_per_stage(corpus):
     assert prog.rejected["probe"] == 1 and prog.kept["probe"] == 1
     assert prog.rejected["filter"] == 2 and prog.kept["clip"] == 4
     assert prog.kept["caption"] == 2
+
+
+def test_resource_plan_leaves_a_cpu_for_video_tasks():
+    from data_pipeline.pipeline import check_resources
+
+    cfg = load_curate_config(None, ["input.path=x", "output.path=y"])
+    check_resources(cfg, 2.0, uses_models=True, uses_vlm=True)  # 0.5 + 0.5 + 1 task = 2
+    cfg.ray.model_actors = 2
+    with pytest.raises(RuntimeError, match="stall"):
+        check_resources(cfg, 2.0, uses_models=True, uses_vlm=True)
+    check_resources(cfg, 2.0, uses_models=True, uses_vlm=False)
+
+
+def test_optional_stages_fail_clearly_when_unavailable(corpus):
+    root, _ = corpus
+    from data_pipeline.stages.latents import LatentsNotAvailable, check_latents
+
+    try:
+        import transnetv2  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="transnetv2"):
+            ShotDetector("transnetv2")
+    else:  # the package is there: it must find the cuts like the others
+        det = ShotDetector("transnetv2", fps=12.0)
+        for _t, img in decode_rgb(os.path.join(root, "videos", "defects.mp4"), size=(256, 160)):
+            det.push(img)
+        assert len(det.finish()) == 3
+    cfg = _cfg(root, "/tmp/unused", "latents.enabled=true", "latents.vae_path=/v", "latents.text_encoder_path=/t")
+    with pytest.raises(LatentsNotAvailable, match="latents.enabled=false"):
+        check_latents(cfg)
