@@ -37,20 +37,38 @@ def vae_encode_split(encode: Callable[[torch.Tensor], torch.Tensor], pixels: tor
     return torch.cat(pieces)[:B]
 
 
+class PixelSpace:
+    """The "VAE" of a pixel-space model: pixels in [-1, 1] are the model input unchanged."""
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.float()
+
+
+def is_pixel_space(cfg) -> bool:
+    """No VAE configured and latents shaped like pixels: 3 channels, no spatial or temporal
+    downsampling (``cfg`` is a :class:`DataConfig`). Such a run trains on [-1, 1] RGB directly."""
+    return (cfg.encoders.vae_path is None and cfg.latent_channels == 3
+            and cfg.vae_spatial_factor == 1 and cfg.vae_temporal_factor == 1)
+
+
 def load_encoders(cfg, device: str | torch.device = "cpu"):
     """(vae, text_encoder) from ``cfg.encoders`` (a :class:`DataConfig`); None for an unset path.
 
     Decode mode needs both (checked here); precomputed batches need neither; in auto mode a batch
-    that needs them and lacks them fails in :func:`encode_batch` with the same advice."""
+    that needs them and lacks them fails in :func:`encode_batch` with the same advice. A pixel-space
+    config (:func:`is_pixel_space`) gets :class:`PixelSpace` as its VAE."""
     from vchitect.models.encoders import load_text_encoder, load_vae
 
     e = cfg.encoders
     vae = load_vae(e.vae_path, device, e.dtype, e.sample_posterior) if e.vae_path else None
+    if vae is None and is_pixel_space(cfg):
+        vae = PixelSpace()
     text = load_text_encoder(e.text_encoder_path, e.text_encoder_kind, cfg.text.max_length, device,
                              e.dtype, e.pooled_encoder_path) if e.text_encoder_path else None
     if cfg.source == "shards" and cfg.mode == "decode" and (vae is None or text is None):
         raise ValueError(f"data.mode={cfg.mode} decodes videos, which needs data.encoders.vae_path and "
-                         f"data.encoders.text_encoder_path (local folders); set both, or use "
+                         f"data.encoders.text_encoder_path (local folders); set both (or train in "
+                         f"pixel space: latent_channels 3, vae factors 1, no vae_path), or use "
                          f"mode=precomputed with shards that hold latent.npy / text.npy")
     return vae, text
 
@@ -62,7 +80,8 @@ def encode_batch(batch: dict, vae=None, text_encoder=None, device: str | torch.d
     if "pixels" in batch:
         if vae is None:
             raise ValueError("this batch holds pixels (decode mode) but no VAE was given; set "
-                             "data.encoders.vae_path or use precomputed latents")
+                             "data.encoders.vae_path, use precomputed latents, or train in pixel "
+                             "space (latent_channels 3, vae_spatial_factor 1, vae_temporal_factor 1)")
         x = pixels_to_unit(batch.pop("pixels").to(device, non_blocking=True))
         batch["latents"] = vae_encode_split(vae.encode, x, sp_group)
     if "text" not in batch:

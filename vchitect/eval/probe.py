@@ -1,0 +1,121 @@
+"""Prompt-following probe for the synthetic vocabulary ("a {colour} {shape} moves from {direction}").
+
+From the pixels of a generated video alone it measures
+
+* the dominant foreground colour: the background is the median colour of the frame border; pixels
+  farther than a threshold from it are foreground; the median colour of its core (pixels at least
+  3/4 as far from the background as the farthest ones; edges blend with the background) is matched
+  to the nearest colour of :data:`data_pipeline.synthetic.COLORS`;
+* the direction of motion: the foreground centroid of every frame, its least-squares velocity over
+  time (pixels per frame), matched to the direction whose unit vector it points along most.
+
+``probe_video`` classifies one video; ``score`` compares predictions with prompts and returns the
+accuracy per attribute, overall and on held-out colour × direction combinations.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from data_pipeline.synthetic import COLORS, DIRECTIONS
+
+_PROMPT = re.compile(r"an? (?P<color>\w+) (?P<shape>\w+) moves from (?P<direction>\w+ to \w+)")
+
+
+def parse_prompt(prompt: str) -> Optional[dict]:
+    """``{"color", "shape", "direction"}`` of a prompt of the synthetic vocabulary, else None."""
+    m = _PROMPT.search(prompt.lower())
+    if m is None or m["color"] not in COLORS or m["direction"] not in DIRECTIONS:
+        return None
+    return m.groupdict()
+
+
+@dataclass
+class ProbeResult:
+    color: Optional[str]            # nearest vocabulary colour of the foreground, None if no foreground
+    direction: Optional[str]        # direction of the centroid's motion, None if it does not move
+    foreground: float               # mean share of foreground pixels per frame
+    velocity: tuple[float, float]   # centroid velocity (dx, dy) in pixels per frame, y downwards
+    rgb: tuple[int, int, int]       # median foreground colour
+
+
+def _background(frames: np.ndarray) -> np.ndarray:
+    """Median RGB of the one-pixel border of every frame (F×H×W×3 → 3)."""
+    border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1)
+    return np.median(border.reshape(-1, 3), axis=0)
+
+
+def probe_video(frames: np.ndarray, threshold: float = 60.0, min_motion: float = 0.05) -> ProbeResult:
+    """Classify one video, ``frames`` F×H×W×3 uint8 RGB (F ≥ 2).
+
+    ``threshold``: RGB distance (0…441) from the background above which a pixel is foreground.
+    ``min_motion``: centroid speed (pixels per frame, relative to a 16-pixel frame side) under which
+    no direction is reported.
+    """
+    x = np.asarray(frames, dtype=np.float32)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] < 2:
+        raise ValueError(f"expected F×H×W×3 frames with F >= 2, got {x.shape}")
+    F, H, W, _ = x.shape
+    bg = _background(x)
+    dist = np.linalg.norm(x - bg, axis=-1)                  # F×H×W
+    fg = dist > threshold
+    share = float(fg.mean())
+    if not fg.any():
+        return ProbeResult(None, None, 0.0, (0.0, 0.0), tuple(int(v) for v in bg))
+    # colour from the core of the foreground: edge pixels mix shape and background
+    core = fg & (dist >= 0.75 * np.percentile(dist[fg], 95))
+    rgb = np.median(x[core], axis=0)
+    names = list(COLORS)
+    palette = np.array([COLORS[n] for n in names], np.float32)
+    color = names[int(np.argmin(np.linalg.norm(palette - rgb, axis=1)))]
+
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
+    w = np.where(fg, dist, 0.0)                              # weight by distance from the background
+    mass = w.sum(axis=(1, 2))
+    valid = mass > 0
+    if valid.sum() < 2:
+        return ProbeResult(color, None, share, (0.0, 0.0), tuple(int(v) for v in rgb))
+    cx = (w * xs).sum(axis=(1, 2))[valid] / mass[valid]
+    cy = (w * ys).sum(axis=(1, 2))[valid] / mass[valid]
+    t = np.arange(F, dtype=np.float32)[valid]
+    t = t - t.mean()
+    vx = float((t * (cx - cx.mean())).sum() / (t * t).sum())
+    vy = float((t * (cy - cy.mean())).sum() / (t * t).sum())
+    speed = np.hypot(vx, vy)
+    direction = None
+    if speed >= min_motion * max(H, W) / 16:
+        direction = max(DIRECTIONS, key=lambda d: vx * DIRECTIONS[d][0] + vy * DIRECTIONS[d][1])
+    return ProbeResult(color, direction, share, (vx, vy), tuple(int(v) for v in rgb))
+
+
+def score(prompts: Sequence[str], results: Sequence[ProbeResult],
+          held_out: Iterable[tuple[str, str]] = ()) -> dict:
+    """Accuracy of ``results`` against ``prompts``: colour, direction and both, over the videos whose
+    (colour, direction) is in training and over those in ``held_out``."""
+    held = {tuple(h) for h in held_out}
+    groups: dict[str, list[tuple[bool, bool]]] = {"train": [], "held_out": []}
+    for prompt, r in zip(prompts, results):
+        want = parse_prompt(prompt)
+        if want is None:
+            continue
+        key = "held_out" if (want["color"], want["direction"]) in held else "train"
+        groups[key].append((r.color == want["color"], r.direction == want["direction"]))
+    out = {}
+    for key, rows in groups.items():
+        n = len(rows)
+        out[key] = {"n": n,
+                    "color": sum(c for c, _ in rows) / n if n else None,
+                    "direction": sum(d for _, d in rows) / n if n else None,
+                    "both": sum(c and d for c, d in rows) / n if n else None}
+    return out
+
+
+def result_dict(r: ProbeResult) -> dict:
+    return asdict(r)
+
+
+__all__ = ["ProbeResult", "parse_prompt", "probe_video", "result_dict", "score"]
