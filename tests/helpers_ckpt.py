@@ -118,6 +118,19 @@ def make_encoders(root: str | Path, d_model: int = 16) -> dict[str, Path]:
     return {"text_encoder": root / "t5", "vae": root / "vae"}
 
 
+def make_clip(root: str | Path, projection_dim: int = 16) -> Path:
+    """Tiny random CLIPTextModelWithProjection (+ tokenizer): the optional pooled-vector encoder."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    path = Path(root) / "clip"
+    torch.manual_seed(1)
+    CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, projection_dim=projection_dim, eos_token_id=2)).save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
 def main() -> int:
     """One rank of a sharded save: FSDP2 over all ranks on a 1-D CPU mesh, then the contract save."""
     import torch.distributed as dist

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers_ckpt import build_model, ema_of, make_encoders, run_config, write_checkpoint
+from tests.helpers_ckpt import build_model, ema_of, make_clip, make_encoders, run_config, write_checkpoint
 from vchitect.export import ExportError, VchitectPipeline, export, find_checkpoint, load_weights
 from vchitect.export.cli import add_export_parser, add_sample_parser
 
@@ -189,3 +189,21 @@ def test_pipeline_schedule_follows_the_exported_shift():
     dynamic = VchitectPipeline(model, FlowMatchEulerDiscreteScheduler(shift=2.0, use_dynamic_shifting=True),
                                shift_reference_tokens=16)
     assert torch.allclose(dynamic.sigmas(6, tokens=64, device="cpu"), flow_sigmas(6, 4.0), atol=1e-6)
+
+
+def test_pooled_clip_encoder_is_exported_as_text_encoder_2(ckpt, tmp_path):
+    from vchitect.models.encoders import load_text_encoder
+
+    root, _ = ckpt
+    enc = root / "enc"
+    clip = make_clip(tmp_path)
+    cfg = run_config(encoders={"text_encoder_path": str(enc / "t5"), "pooled_encoder_path": str(clip)})
+    write_checkpoint(tmp_path / "run", 1, build_model(0), cfg)
+    out = export(tmp_path / "run", tmp_path / "pipe")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert index["vae"] == [None, None]
+    pipe = VchitectPipeline.from_pretrained(out)
+    got = pipe.encode_prompt(["a red car"])
+    hidden, mask, pooled = load_text_encoder(enc / "t5", "t5", max_length=8, pooled_path=clip).encode(["a red car"])
+    assert torch.allclose(got.pooled, pooled, atol=1e-6) and torch.allclose(got.hidden, hidden, atol=1e-6)

@@ -16,6 +16,7 @@ Output (written to ``OUT.tmp-<pid>`` and renamed when complete)::
     transformer/   config.json + diffusion_pytorch_model.safetensors (sharded + index above the cap)
     scheduler/     FlowMatchEulerDiscreteScheduler with the training shift
     vae/ text_encoder/ tokenizer/   copied from the run config's local paths or --base DIR
+    text_encoder_2/ tokenizer_2/     the optional pooled CLIP (data.encoders.pooled_encoder_path)
 """
 
 from __future__ import annotations
@@ -110,8 +111,17 @@ def load_weights(step_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ components
+# (pipeline component, tokenizer component, run-config key under data.encoders)
+TEXT_COMPONENTS = (("text_encoder", "tokenizer", "text_encoder_path"),
+                   ("text_encoder_2", "tokenizer_2", "pooled_encoder_path"))
+
+
 def _component_paths(config: dict, base: Optional[Path]) -> dict[str, Optional[Path]]:
-    """Local folders of the VAE and text encoder: --base wins, then the run config."""
+    """Local folders of the VAE and the text encoders: --base wins, then the run config.
+
+    ``text_encoder_2`` is the optional CLIP whose ``text_embeds`` replace the pooled vector
+    (``data.encoders.pooled_encoder_path``, SD3-style); it is taken from --base only when the run
+    used one."""
     enc = (config.get("data") or {}).get("encoders") or {}
 
     def configured(*candidates):
@@ -123,16 +133,18 @@ def _component_paths(config: dict, base: Optional[Path]) -> dict[str, Optional[P
         return None
 
     paths = {"vae": configured(config.get("vae"), enc.get("vae_path")),
-             "text_encoder": configured(config.get("text_encoder"), enc.get("text_encoder_path"))}
+             "text_encoder": configured(config.get("text_encoder"), enc.get("text_encoder_path")),
+             "text_encoder_2": configured(enc.get("pooled_encoder_path"))}
     if base is not None:
         if not base.is_dir():
             raise ExportError(f"--base {base} is not a folder; give a diffusers pipeline folder with vae/, "
                               f"text_encoder/ and tokenizer/")
-        for name in paths:
-            if (base / name).is_dir():
+        for name in list(paths):
+            if (base / name).is_dir() and (name != "text_encoder_2" or paths[name] is not None):
                 paths[name] = base / name
-        if (base / "tokenizer").is_dir():
-            paths["tokenizer"] = base / "tokenizer"
+        for _, tok, _ in TEXT_COMPONENTS:
+            if (base / tok).is_dir():
+                paths[tok] = base / tok
     for name, p in list(paths.items()):
         if p is not None and not p.is_dir():
             raise ExportError(f"the {name} folder {p} (from the run config) does not exist on this machine; "
@@ -145,6 +157,20 @@ def _subfolder(p: Path, sub: str) -> Path:
     if not (p / "config.json").is_file() and (p / sub).is_dir():
         return p / sub
     return p
+
+
+def _text_sources(paths: dict, name: str, tok: str) -> Optional[tuple[Path, Path, str]]:
+    """(model folder, tokenizer folder, transformers class) of text component ``name``, or None."""
+    root = paths.get(name)
+    if root is None:
+        return None
+    src = _subfolder(root, name if (root / name).is_dir() else "text_encoder")
+    tok_src = paths.get(tok) or next((root / t for t in (tok, "tokenizer") if (root / t).is_dir()), src)
+    arch = (json.loads((src / "config.json").read_text()).get("architectures") or [None])[0]
+    if arch is None:
+        raise ExportError(f"{src}/config.json names no architecture; save the text encoder with "
+                          f"transformers' save_pretrained")
+    return src, tok_src, arch
 
 
 def _copy_tree(src: Path, dst: Path, only=None) -> None:
@@ -161,31 +187,27 @@ def _is_tokenizer_file(name: str) -> bool:
 
 
 def _copy_components(paths: dict, out: Path) -> dict:
-    """Copy VAE / text encoder / tokenizer; return their model_index entries and text settings."""
-    index: dict = {"vae": [None, None], "text_encoder": [None, None], "tokenizer": [None, None]}
+    """Copy the VAE, text encoders and tokenizers; return their model_index entries."""
+    index: dict = {"vae": [None, None]}
     if paths.get("vae") is not None:
         src = _subfolder(paths["vae"], "vae")
         cfg = json.loads((src / "config.json").read_text())
         _copy_tree(src, out / "vae")
         index["vae"] = ["diffusers", cfg.get("_class_name", "AutoencoderKL")]
-    if paths.get("text_encoder") is not None:
-        root = paths["text_encoder"]
-        src = _subfolder(root, "text_encoder")
-        tok_src = paths.get("tokenizer") or (root / "tokenizer" if (root / "tokenizer").is_dir() else src)
-        cfg = json.loads((src / "config.json").read_text())
-        arch = (cfg.get("architectures") or [None])[0]
-        if arch is None:
-            raise ExportError(f"{src}/config.json names no architecture; save the text encoder with "
-                              f"transformers' save_pretrained")
-        _copy_tree(src, out / "text_encoder")
-        _copy_tree(tok_src, out / "tokenizer", only=_is_tokenizer_file)
-        tok_cfg_file = out / "tokenizer" / "tokenizer_config.json"
+    for name, tok, _ in TEXT_COMPONENTS:
+        index[name] = index[tok] = [None, None]
+        sources = _text_sources(paths, name, tok)
+        if sources is None:
+            continue
+        src, tok_src, arch = sources
+        _copy_tree(src, out / name)
+        _copy_tree(tok_src, out / tok, only=_is_tokenizer_file)
+        tok_cfg_file = out / tok / "tokenizer_config.json"
         tok_cfg = json.loads(tok_cfg_file.read_text()) if tok_cfg_file.is_file() else {}
         tok_class = tok_cfg.get("tokenizer_class")
         if not tok_class or tok_class.startswith("Auto"):
             tok_class = "PreTrainedTokenizerFast"
-        index["text_encoder"] = ["transformers", arch]
-        index["tokenizer"] = ["transformers", tok_class]
+        index[name], index[tok] = ["transformers", arch], ["transformers", tok_class]
     return index
 
 
@@ -230,22 +252,21 @@ def pipeline_from_checkpoint(ckpt: str | Path, base: str | Path | None = None, e
     ref_tokens = int(diff.get("shift_reference_tokens", 0) or 0)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=float(diff.get("shift", 1.0)),
                                                 use_dynamic_shifting=ref_tokens > 0)
-    vae = text_encoder = tokenizer = None
+    vae = None
     if paths.get("vae") is not None:
         src = _subfolder(paths["vae"], "vae")
         name = json.loads((src / "config.json").read_text()).get("_class_name", "AutoencoderKL")
         vae = getattr(diffusers, name).from_pretrained(src).eval()
-    if paths.get("text_encoder") is not None:
-        root = paths["text_encoder"]
-        src = _subfolder(root, "text_encoder")
-        tok_src = paths.get("tokenizer") or (root / "tokenizer" if (root / "tokenizer").is_dir() else src)
-        arch = json.loads((src / "config.json").read_text())["architectures"][0]
-        text_encoder = getattr(transformers, arch).from_pretrained(src).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_src)
+    text: dict = {}
+    for name, tok, _ in TEXT_COMPONENTS:
+        sources = _text_sources(paths, name, tok)
+        if sources is not None:
+            src, tok_src, arch = sources
+            text[name] = getattr(transformers, arch).from_pretrained(src).eval()
+            text[tok] = transformers.AutoTokenizer.from_pretrained(tok_src)
     enc_cfg = (config.get("data") or {}).get("encoders") or {}
     text_cfg = (config.get("data") or {}).get("text") or {}
-    return VchitectPipeline(model, scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                            text_encoder_kind=enc_cfg.get("text_encoder_kind", "t5"),
+    return VchitectPipeline(model, scheduler, vae=vae, **text, text_encoder_kind=enc_cfg.get("text_encoder_kind", "t5"),
                             max_sequence_length=int(text_cfg.get("max_length", 77)),
                             shift_reference_tokens=ref_tokens)
 

@@ -3,7 +3,8 @@
 Components: ``transformer`` (VchitectTransformer3DModel), ``scheduler``
 (FlowMatchEulerDiscreteScheduler carrying the training shift), optional ``vae`` (absent for
 pixel-space models such as the CPU demo: decode is the identity), ``text_encoder`` + ``tokenizer``
-(encoded the way :mod:`vchitect.models.encoders` encodes them in training).
+and optionally ``text_encoder_2`` + ``tokenizer_2`` (a CLIP whose ``text_embeds`` are the pooled
+vector, SD3-style), encoded the way :mod:`vchitect.models.encoders` encodes them in training.
 
 Loading in a fresh process: diffusers only resolves component libraries that are already
 imported, so import vchitect first::
@@ -41,14 +42,14 @@ class VchitectPipelineOutput(BaseOutput):
 
 class VchitectPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
-    _optional_components = ["vae", "text_encoder", "tokenizer"]
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
 
     def __init__(self, transformer: VchitectTransformer3DModel, scheduler: FlowMatchEulerDiscreteScheduler,
-                 vae=None, text_encoder=None, tokenizer=None, text_encoder_kind: str = "t5",
-                 max_sequence_length: int = 77, shift_reference_tokens: int = 0):
+                 vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                 text_encoder_kind: str = "t5", max_sequence_length: int = 77, shift_reference_tokens: int = 0):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                              tokenizer=tokenizer)
+                              tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.register_to_config(text_encoder_kind=text_encoder_kind, max_sequence_length=max_sequence_length,
                                 shift_reference_tokens=shift_reference_tokens)
 
@@ -89,7 +90,7 @@ class VchitectPipeline(DiffusionPipeline):
             raise ValueError("this pipeline has no text encoder/tokenizer; pass prompt_embeds (a TextCondition) "
                              "or export with --base DIR holding text_encoder/ and tokenizer/")
         enc = TextEncoder(self.text_encoder, self.tokenizer, self.config.text_encoder_kind,
-                          self.config.max_sequence_length)
+                          self.config.max_sequence_length, self.text_encoder_2, self.tokenizer_2)
         hidden, mask, pooled = enc.encode(prompts)
         # A row without any valid token (an empty prompt with a tokenizer that adds no special
         # token) would leave the text attention without keys; keep its first token, as training does.
