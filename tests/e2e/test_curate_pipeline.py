@@ -175,7 +175,7 @@ def test_report_prints_counts_and_writes_histograms(curated, tmp_path, capsys):
     assert all(open(tmp_path / p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
-# ----------------------------------------------------------------------------- S3
+# ----------------------------------------------------------------------------- bad inputs, S3
 
 
 def _s3fs(s3):
@@ -194,79 +194,60 @@ def _with_credentials(cfg, s3):
     return cfg
 
 
-def test_s3_input_prefix_and_s3_output(ray_cluster, corpus, blip, s3_server, tmp_path):
+def test_bad_inputs_and_s3_output(ray_cluster, corpus, blip, s3_server, tmp_path):
+    """Every bad input is accounted for and the job finishes; inputs from local disk and S3,
+    shards to S3; clips without source captions are captioned by the (tiny) VLM actor pool."""
     from data_pipeline.pipeline import run
+    from data_pipeline.report import report
 
     root, truth = corpus
     fs = _s3fs(s3_server)
     fs.mkdir("curate-s3")
-    for name in ("video_0000.mp4", "video_0001.mp4"):
-        fs.put_file(os.path.join(root, "videos", name), f"curate-s3/raw/{name}")
-    cfg = load_curate_config(CONFIG, ["input.path=s3://curate-s3/raw", "output.path=s3://curate-s3/shards",
-                                      f"caption.vlm_path={blip}", "caption.max_new_tokens=6",
-                                      *_s3_overrides(s3_server)])
-    stats = run(_with_credentials(cfg, s3_server), progress=False)
-    expected = sum(1 for s in truth["shots"] if s["file"] in ("video_0000.mp4", "video_0001.mp4"))
-    assert stats["counts"]["clips_written"] == expected
-    assert fs.exists("curate-s3/shards/_SUCCESS")
-    index = json.loads(fs.cat_file("curate-s3/shards/index.json"))
-    n = 0
-    for shard in index["shards"]:
-        with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"curate-s3/shards/{shard['name']}"))) as tar:
-            for m in tar.getmembers():
-                if m.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(m).read())
-                    assert meta["source_uri"].startswith("s3://curate-s3/raw/")
-                    assert meta["caption_source"] == "vlm:tiny-blip"  # no source captions on a bare prefix
-                    n += 1
-    assert n == expected
-    # the report reads an s3:// output too
-    from data_pipeline.report import report
-
-    lines = []
-    pngs = report("s3://curate-s3/shards", str(tmp_path / "plots"),
-                  _s3_overrides(s3_server) + [f"storage.options={{key: {s3_server['key']}, "
-                                              f"secret: {s3_server['secret']}}}"], echo=lines.append)
-    assert any(line.split() == ["clips_written", str(expected)] for line in lines)
-    assert len(pngs) >= 2 and all(os.path.exists(p) for p in pngs)
-    # credentials never reach the outputs
-    for name in ("stats.json", "index.json", "rejected.jsonl"):
-        assert s3_server["secret"].encode() not in fs.cat_file(f"curate-s3/shards/{name}")
-
-
-# ----------------------------------------------------------------------------- bad inputs
-
-
-def test_bad_inputs_are_all_accounted_for(ray_cluster, corpus, blip, s3_server, tmp_path):
-    from data_pipeline.pipeline import run
-
-    root, _ = corpus
+    fs.put_file(os.path.join(root, "videos", "video_0001.mp4"), "curate-s3/raw/remote video.mp4")
     bad = tmp_path / "bad inputs"
     expected = write_bad_inputs(str(bad), os.path.join(root, "videos", "video_0001.mp4"))
     good = bad / "good $(video) 'one'.mp4"
     good.write_bytes(open(os.path.join(root, "videos", "video_0002.mp4"), "rb").read())
-    fs = _s3fs(s3_server)
-    fs.mkdir("curate-bad")
-    rows = [str(bad / n) for n in expected] + [str(bad / "no such file.mp4"), "s3://curate-bad/missing.mp4",
-                                                str(good)]
+    rows = [str(bad / n) for n in expected] + [str(bad / "no such file.mp4"), "s3://curate-s3/missing.mp4",
+                                                str(good), "s3://curate-s3/raw/remote video.mp4"]
     manifest = tmp_path / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["uri"])
         w.writerows([r] for r in rows)
-    cfg = load_curate_config(CONFIG, [f"input.path={manifest}", f"output.path={tmp_path / 'out'}",
+    out = "s3://curate-s3/shards"
+    cfg = load_curate_config(CONFIG, [f"input.path={manifest}", f"output.path={out}",
                                       f"caption.vlm_path={blip}", "caption.max_new_tokens=6",
                                       *_s3_overrides(s3_server)])
     stats = run(_with_credentials(cfg, s3_server), progress=False)
-    out = str(tmp_path / "out")
-    assert os.path.exists(os.path.join(out, "_SUCCESS"))
-    reasons = {os.path.basename(r["uri"]): r["reason"] for r in _rejected(out) if r["clip"] is None}
-    want = dict(expected, **{"no such file.mp4": "unreadable", "missing.mp4": "missing"})
-    assert reasons == want
+
+    assert fs.exists("curate-s3/shards/_SUCCESS")
+    rejected = [json.loads(line) for line in fs.cat_file("curate-s3/shards/rejected.jsonl").splitlines()]
+    reasons = {os.path.basename(r["uri"]): r["reason"] for r in rejected if r["clip"] is None}
+    assert reasons == dict(expected, **{"no such file.mp4": "unreadable", "missing.mp4": "missing"})
     assert stats["counts"]["inputs"] == len(rows)
-    samples = _samples(out)
-    assert len(samples) == 2 and all(json.loads(m["json"])["caption_source"] == "vlm:tiny-blip"
-                                     for m in samples.values())
+    n_good = sum(1 for s in truth["shots"] if s["file"] in ("video_0001.mp4", "video_0002.mp4"))
+    assert stats["counts"]["clips_written"] == n_good
+    index = json.loads(fs.cat_file("curate-s3/shards/index.json"))
+    sources = set()
+    for shard in index["shards"]:
+        with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"curate-s3/shards/{shard['name']}"))) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(m).read())
+                    assert meta["caption_source"] == "vlm:tiny-blip"  # no source captions given
+                    sources.add(meta["source_uri"])
+    assert sources == {str(good), "s3://curate-s3/raw/remote video.mp4"}
+    # the report reads an s3:// output too
+    lines = []
+    pngs = report(out, str(tmp_path / "plots"),
+                  _s3_overrides(s3_server) + [f"storage.options={{key: {s3_server['key']}, "
+                                              f"secret: {s3_server['secret']}}}"], echo=lines.append)
+    assert any(line.split() == ["clips_written", str(n_good)] for line in lines)
+    assert len(pngs) >= 2 and all(os.path.exists(p) for p in pngs)
+    # credentials never reach the outputs
+    for name in ("stats.json", "index.json", "rejected.jsonl"):
+        assert s3_server["secret"].encode() not in fs.cat_file(f"curate-s3/shards/{name}")
 
 
 # ----------------------------------------------------------------------------- resume

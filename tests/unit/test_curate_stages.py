@@ -432,3 +432,17 @@ def test_optional_stages_fail_clearly_when_unavailable(corpus):
     cfg = _cfg(root, "/tmp/unused", "latents.enabled=true", "latents.vae_path=/v", "latents.text_encoder_path=/t")
     with pytest.raises(LatentsNotAvailable, match="latents.enabled=false"):
         check_latents(cfg)
+
+
+def test_sources_from_an_s3_prefix(s3_server):
+    import s3fs
+
+    opts = {"key": s3_server["key"], "secret": s3_server["secret"],
+            "client_kwargs": {"endpoint_url": s3_server["endpoint_url"], "region_name": s3_server["region"]}}
+    fs = s3fs.S3FileSystem(**opts)
+    fs.mkdir("curate-list")
+    for name in ("a/one.mp4", "a/b/two video.mp4", "a/skip.txt"):
+        fs.pipe_file(f"curate-list/{name}", b"x")
+    items = list_sources("s3://curate-list/a", [".mp4"], opts)
+    assert sorted(it.uri for it in items) == ["s3://curate-list/a/b/two video.mp4", "s3://curate-list/a/one.mp4"]
+    assert all(all(ch.isalnum() or ch in "_-" for ch in it.source_id) for it in items)
