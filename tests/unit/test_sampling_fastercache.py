@@ -128,3 +128,15 @@ def test_cfg_cache_rebuilds_the_unconditional_prediction_from_both_bands(cutoff)
                                 low_boost=0.5, high_boost=0.5)
     assert not torch.allclose(sample(model, noise, cond, uncond, sigmas=sig, guidance_scale=6.0,
                                      fastercache=boosted), ref, atol=1e-3)
+
+
+def test_sequential_cfg_passes_give_the_same_cached_result(setup):
+    model, noise, cond, uncond, _ = setup
+    outs, stats = [], []
+    for batch_cfg in (True, False):
+        fc = FasterCacheConfig(**SCHEDULE)
+        outs.append(sample(model, noise, cond, uncond, sigmas=flow_sigmas(STEPS, 3.0), guidance_scale=5.0,
+                           fastercache=fc, batch_cfg=batch_cfg))
+        stats.append(fc.stats)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert stats[0]["attention_rows"] == stats[1]["attention_rows"] and stats[1]["model_calls"] == 10 + 6
