@@ -170,26 +170,27 @@ def worker(args) -> None:
         device = torch.device("cpu")
     m = model_config(args.preset)
     F, H, W = (int(v) for v in args.latent.split("x"))
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = VchitectTransformer3DModel(**m)
-    mesh = init_device_mesh("cpu", (args.size,), mesh_dim_names=(args.kind,))
-    if args.kind == "sp":
-        apply_ulysses(model, mesh)
-    else:
-        apply_tensor_parallel(model, mesh)
-    B = args.batch
-    with torch.device(device):
-        inputs = dict(hidden_states=torch.randn(B, m["in_channels"], F, H, W),
-                      encoder_hidden_states=torch.randn(B, args.text_len, m["joint_attention_dim"]),
-                      pooled_projections=torch.randn(B, m["pooled_projection_dim"]),
-                      timestep=torch.rand(B) * 1000)
-    counter = count_collectives()
-    with counter:
-        out = model(**inputs).sample
-        out.float().pow(2).mean().backward()
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(dict(bytes=counter.bytes, calls=counter.calls)), flush=True)
+    for kind in args.kind.split(","):  # one fresh model and mesh per kind, same process group
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = VchitectTransformer3DModel(**m)
+        mesh = init_device_mesh("cpu", (args.size,), mesh_dim_names=(kind,))
+        if kind == "sp":
+            apply_ulysses(model, mesh)
+        else:
+            apply_tensor_parallel(model, mesh)
+        B = args.batch
+        with torch.device(device):
+            inputs = dict(hidden_states=torch.randn(B, m["in_channels"], F, H, W),
+                          encoder_hidden_states=torch.randn(B, args.text_len, m["joint_attention_dim"]),
+                          pooled_projections=torch.randn(B, m["pooled_projection_dim"]),
+                          timestep=torch.rand(B) * 1000)
+        counter = count_collectives()
+        with counter:
+            out = model(**inputs).sample
+            out.float().pow(2).mean().backward()
+        if dist.get_rank() == 0:
+            print(f"RESULT {kind} " + json.dumps(dict(bytes=counter.bytes, calls=counter.calls)), flush=True)
     dist.destroy_process_group()
 
 
@@ -229,13 +230,15 @@ def main() -> None:
         m = model_config(preset)
         backend = "gloo" if preset == "tiny" else "fake"
         default_sizes = [2, 4] if preset == "tiny" else [2, 4, 8]
-        for kind, sizes in (("sp", args.sp or default_sizes), ("tp", args.tp or default_sizes)):
-            for P in sizes:
-                argv = [__file__, "--worker", "--preset", preset, "--kind", kind, "--size", str(P), "--backend",
-                        backend, "--latent", latent, "--text-len", str(L), "--batch", str(args.batch)]
-                res = run_local(argv, P if backend == "gloo" else 1, timeout=1800)
-                line = next(x for x in res[0].stdout.splitlines() if x.startswith("RESULT "))
-                measured = json.loads(line[len("RESULT "):])
+        sizes = {"sp": args.sp or default_sizes, "tp": args.tp or default_sizes}
+        for P in sorted(set(sizes["sp"]) | set(sizes["tp"])):
+            kinds = [k for k in ("sp", "tp") if P in sizes[k]]
+            argv = [__file__, "--worker", "--preset", preset, "--kind", ",".join(kinds), "--size", str(P),
+                    "--backend", backend, "--latent", latent, "--text-len", str(L), "--batch", str(args.batch)]
+            res = run_local(argv, P if backend == "gloo" else 1, timeout=1800)
+            for kind in kinds:
+                line = next(x for x in res[0].stdout.splitlines() if x.startswith(f"RESULT {kind} "))
+                measured = json.loads(line[len(f"RESULT {kind} "):])
                 ana = analytic_bytes(m, kind, P, args.batch, F, H, W, L)
                 rows.append(dict(preset=preset, kind=kind, size=P, latent=latent, text_len=L, backend=backend,
                                  analytic=ana, measured=measured["bytes"], calls=measured["calls"],
