@@ -64,6 +64,8 @@ class RayConfig:
     model_actors: int = setting(1, min=1, help="size of the model-filter actor pool")
     caption_actors: int = setting(1, min=1, help="size of the captioner actor pool")
     caption_gpus: float = setting(0.0, min=0.0, help="GPUs per captioner actor (0 = CPU)")
+    latents_actors: int = setting(1, min=1, help="size of the latent-encoder actor pool")
+    latents_gpus: float = setting(0.0, min=0.0, help="GPUs per latent-encoder actor (0 = CPU)")
     batch_size: int = setting(4, min=1, help="inputs per batch sent to a model actor")
 
 
@@ -169,11 +171,15 @@ class CaptionConfig:
 
 @dataclass
 class LatentsConfig:
-    """Optional latent precomputation (GPU actors)."""
+    """Optional latent precomputation (VAE + text encoder, on GPU actors when ray.latents_gpus > 0)."""
 
     enabled: bool = setting(False, help="write latent.npy / text.npy / text_mask.npy per sample")
     vae_path: Optional[str] = setting(None, help="local diffusers AutoencoderKL folder")
-    text_encoder_path: Optional[str] = setting(None, help="local transformers text encoder folder")
+    text_encoder_path: Optional[str] = setting(None, help="local transformers text encoder folder "
+                                               "(with its tokenizer); encoder-decoder models use the encoder")
+    max_text_length: int = setting(256, min=1, help="tokens per caption (padded / truncated)")
+    frames_per_batch: int = setting(16, min=1, help="frames per VAE forward")
+    dtype: str = setting("float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
 
 
 @dataclass

@@ -3,6 +3,7 @@
     sources ─► [task] probe → split → clip → cheap filters          (num_cpus=ray.video_task_cpus)
             ─► [actors] OCR / NSFW / aesthetic                       (ray.model_actors × model_actor_cpus)
             ─► [actors] VLM captions (when caption.vlm_path is set)  (ray.caption_actors, caption_gpus)
+            ─► [actors] VAE / text-encoder latents (latents.enabled)  (ray.latents_actors, latents_gpus)
             ─► driver: completion record per input
     all inputs recorded ─► global dedup ─► shards, index.json, stats.json, rejected.jsonl, _SUCCESS
 
@@ -25,7 +26,7 @@ from . import io as vio
 from .config import CurateConfig, config_fingerprint, storage_options
 from .sources import SourceItem, list_sources
 from .stages.clip import InputResult, process_video
-from .stages.latents import check_latents
+from .stages.latents import LatentEncoder, check_latents
 from .stages.models import Captioner, ModelFilters, attach_source_captions
 from .stages.probe import Rejected
 from .writer import finalize, finished_ids, write_record
@@ -67,6 +68,14 @@ def _repack_batch(results: list[InputResult]) -> dict:
 class _ModelFilterActor:
     def __init__(self, cfg):
         self.fn = ModelFilters(cfg)
+
+    def __call__(self, batch):
+        return _repack_batch(self.fn(_unpack_batch(batch)))
+
+
+class _LatentActor:
+    def __init__(self, cfg):
+        self.fn = LatentEncoder(cfg)
 
     def __call__(self, batch):
         return _repack_batch(self.fn(_unpack_batch(batch)))
@@ -142,7 +151,8 @@ def _start_ray(cfg: CurateConfig, address: Optional[str]) -> bool:
 def check_resources(cfg: CurateConfig, cpus: float, uses_models: bool, uses_vlm: bool) -> None:
     """Refuse a plan whose actor pools leave no CPU for the video tasks that feed them."""
     held = (cfg.ray.model_actors * cfg.ray.model_actor_cpus if uses_models else 0) + \
-           (cfg.ray.caption_actors * cfg.ray.model_actor_cpus if uses_vlm else 0)
+           (cfg.ray.caption_actors * cfg.ray.model_actor_cpus if uses_vlm else 0) + \
+           (cfg.ray.latents_actors * cfg.ray.model_actor_cpus if cfg.latents.enabled else 0)
     if held + cfg.ray.video_task_cpus > cpus + 1e-9:
         raise RuntimeError(
             f"the actor pools would hold {held:g} of {cpus:g} CPUs, leaving less than "
@@ -225,6 +235,8 @@ def _run_ray(cfg, todo, options, uses_models, uses_vlm, progress) -> None:
         item = SourceItem.from_row(row)
         res = run_video_stage(item, cfg, options)
         attach_source_captions(res, item, cfg.caption.mode)
+        if not uses_vlm:  # no model needed: captions are final here
+            Captioner(cfg)([res])
         return _pack(res)
 
     # One input per block (up to 10k blocks): records stream back, and so resume, per input.
@@ -241,11 +253,14 @@ def _run_ray(cfg, todo, options, uses_models, uses_vlm, progress) -> None:
                             batch_size=cfg.ray.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.ray.caption_actors),
                             num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy", **gpu)
-    captioner = None if uses_vlm else Captioner(cfg)
+    if cfg.latents.enabled:
+        gpu = {"num_gpus": cfg.ray.latents_gpus} if cfg.ray.latents_gpus else {}
+        ds = ds.map_batches(_LatentActor, fn_constructor_kwargs={"cfg": cfg},
+                            batch_size=cfg.ray.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.ray.latents_actors),
+                            num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy", **gpu)
     with Progress(len(todo), enabled=progress) as prog:
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             for res in _unpack_batch(batch):
-                if captioner is not None:
-                    captioner([res])
                 write_record(cfg.output.path, res, options)
                 prog.add(res)

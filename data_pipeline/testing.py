@@ -158,3 +158,24 @@ def write_bad_inputs(folder: str, good_video: str | None = None) -> dict[str, st
     os.symlink(path("does-not-exist.mp4"), path("broken link.mp4"))
     expected["broken link.mp4"] = "unreadable"
     return expected
+
+
+def save_tiny_latent_models(folder: str, seed: int = 0) -> tuple[str, str]:
+    """A tiny diffusers AutoencoderKL and a tiny CLIP text encoder + tokenizer; (vae, text) paths."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae_path = os.path.join(folder, "tiny-vae")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+                  scaling_factor=0.5).save_pretrained(vae_path)
+    text_path = os.path.join(folder, "tiny-text")
+    tok = _tokenizer(os.path.join(folder, "_tok_text"))
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=32, pad_token_id=tok.pad_token_id,
+                                 bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)).save_pretrained(text_path)
+    tok.save_pretrained(text_path)
+    return vae_path, text_path

@@ -147,7 +147,8 @@ def finalize(out: str, cfg, source_ids: Iterable[str], *, fingerprint: str, opti
                                  "start": round(clip.start, 4), "end": round(clip.end, 4)})
                 continue
             meta = dict(clip.meta, key=key, caption=clip.caption)
-            writer.add(key, {"mp4": clip.mp4, "json": _dumps(meta), "txt": clip.caption.encode()})
+            writer.add(key, {"mp4": clip.mp4, "json": _dumps(meta), "txt": clip.caption.encode(),
+                             **getattr(clip, "extra", {})})
             counts["clips_written"] += 1
     index = writer.close()
     for rec in rejected:

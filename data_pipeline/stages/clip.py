@@ -34,6 +34,7 @@ class Clip:
     phash: list[int] = field(default_factory=list)
     caption: Optional[str] = None
     caption_source: Optional[str] = None
+    extra: dict[str, bytes] = field(default_factory=dict)  # more shard members, e.g. latent.npy
 
 
 @dataclass

@@ -17,7 +17,7 @@ import yaml
 
 from data_pipeline import synthetic
 from data_pipeline.config import load_curate_config
-from data_pipeline.testing import save_tiny_blip, write_bad_inputs
+from data_pipeline.testing import save_tiny_blip, save_tiny_latent_models, write_bad_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "curate", "synthetic.yaml")
@@ -196,7 +196,8 @@ def _with_credentials(cfg, s3):
 
 def test_bad_inputs_and_s3_output(ray_cluster, corpus, blip, s3_server, tmp_path):
     """Every bad input is accounted for and the job finishes; inputs from local disk and S3,
-    shards to S3; clips without source captions are captioned by the (tiny) VLM actor pool."""
+    shards to S3; clips without source captions are captioned by the (tiny) VLM actor pool, and
+    latents come from a (tiny) VAE / text-encoder actor pool."""
     from data_pipeline.pipeline import run
     from data_pipeline.report import report
 
@@ -216,8 +217,13 @@ def test_bad_inputs_and_s3_output(ray_cluster, corpus, blip, s3_server, tmp_path
         w.writerow(["uri"])
         w.writerows([r] for r in rows)
     out = "s3://curate-s3/shards"
+    vae, text = save_tiny_latent_models(str(tmp_path / "latent-models"))
     cfg = load_curate_config(CONFIG, [f"input.path={manifest}", f"output.path={out}",
                                       f"caption.vlm_path={blip}", "caption.max_new_tokens=6",
+                                      # three actor pools (filters, VLM, latents) on 2 CPUs
+                                      "ray.model_actor_cpus=0.3", "clip.max_size=64",
+                                      "latents.enabled=true", f"latents.vae_path={vae}",
+                                      f"latents.text_encoder_path={text}", "latents.max_text_length=8",
                                       *_s3_overrides(s3_server)])
     stats = run(_with_credentials(cfg, s3_server), progress=False)
 
@@ -232,10 +238,13 @@ def test_bad_inputs_and_s3_output(ray_cluster, corpus, blip, s3_server, tmp_path
     sources = set()
     for shard in index["shards"]:
         with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"curate-s3/shards/{shard['name']}"))) as tar:
+            exts = {m.name.split(".", 1)[1] for m in tar.getmembers()}
+            assert exts == {"mp4", "json", "txt", "latent.npy", "text.npy", "text_mask.npy"}
             for m in tar.getmembers():
                 if m.name.endswith(".json"):
                     meta = json.loads(tar.extractfile(m).read())
                     assert meta["caption_source"] == "vlm:tiny-blip"  # no source captions given
+                    assert meta["latents"]["latent_shape"][:2] == [4, meta["num_frames"]]
                     sources.add(meta["source_uri"])
     assert sources == {str(good), "s3://curate-s3/raw/remote video.mp4"}
     # the report reads an s3:// output too

@@ -430,8 +430,38 @@ def test_optional_stages_fail_clearly_when_unavailable(corpus):
             det.push(img)
         assert len(det.finish()) == 3
     cfg = _cfg(root, "/tmp/unused", "latents.enabled=true", "latents.vae_path=/v", "latents.text_encoder_path=/t")
-    with pytest.raises(LatentsNotAvailable, match="latents.enabled=false"):
+    with pytest.raises(LatentsNotAvailable, match="latents.vae_path"):
         check_latents(cfg)
+
+
+def test_latents_from_local_vae_and_text_encoder(tmp_path, corpus):
+    root, _ = corpus
+    from data_pipeline.stages.latents import LatentEncoder, check_latents
+    from data_pipeline.stages.models import Captioner
+    from data_pipeline.testing import save_tiny_latent_models
+
+    vae, text = save_tiny_latent_models(str(tmp_path))
+    cfg = _cfg(root, str(tmp_path / "out"), "clip.max_size=64", "latents.enabled=true", f"latents.vae_path={vae}",
+               f"latents.text_encoder_path={text}", "latents.max_text_length=12")
+    check_latents(cfg)
+    item = _item(root, "video_0000.mp4")
+    res = process_video(os.path.join(root, "videos", "video_0000.mp4"), item, cfg)
+    Captioner(cfg)([res], {item.source_id: item})
+    LatentEncoder(cfg)([res])
+    for clip in res.clips:
+        lat = np.load(io.BytesIO(clip.extra["latent.npy"]))
+        txt = np.load(io.BytesIO(clip.extra["text.npy"]))
+        mask = np.load(io.BytesIO(clip.extra["text_mask.npy"]))
+        # 64×40 clip → 64×40 VAE input (multiple of 2) → 4 × F × 20 × 32 latents
+        assert lat.dtype == np.float16 and lat.shape == (4, clip.meta["num_frames"], 20, 32)
+        assert txt.dtype == np.float16 and txt.shape == (12, 16) and mask.shape == (12,)
+        assert 0 < mask.sum() < 12 and np.isfinite(lat).all()
+        assert clip.meta["latents"]["vae"] == "tiny-vae" and clip.meta["latents"]["text_encoder"] == "tiny-text"
+    write_record(str(tmp_path / "out"), res)
+    finalize(str(tmp_path / "out"), cfg, [item.source_id], fingerprint="f")
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        names = tar.getnames()
+    assert {n.split(".", 1)[1] for n in names} == {"mp4", "json", "txt", "latent.npy", "text.npy", "text_mask.npy"}
 
 
 def test_sources_from_an_s3_prefix(s3_server):
