@@ -50,6 +50,11 @@ def run_video_stage(item: SourceItem, cfg: CurateConfig, options: dict) -> Input
         res = InputResult(source_id=item.source_id, uri=item.uri)
         res.reject("probe", Rejected("unreadable", f"{type(exc).__name__}: {exc}"))
         return res
+    except Exception as exc:  # one odd file must not stop a million-video job
+        log.exception("curate: %s failed", item.uri)
+        res = InputResult(source_id=item.source_id, uri=item.uri)
+        res.reject("decode", Rejected("error", f"{type(exc).__name__}: {exc}"))
+        return res
 
 
 def _pack(res: InputResult) -> dict:

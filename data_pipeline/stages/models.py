@@ -48,6 +48,11 @@ class ModelFilters:
                 except Rejected as err:
                     res.reject("filter", err, clip=clip.clip, start=clip.start, end=clip.end)
                     continue
+                except Exception as exc:  # a model failing on one clip rejects that clip only
+                    log.exception("curate: model filter failed on %s clip %d", res.uri, clip.clip)
+                    res.reject("filter", Rejected("filter_error", f"{type(exc).__name__}: {exc}"),
+                               clip=clip.clip, start=clip.start, end=clip.end)
+                    continue
                 kept.append(clip)
             res.clips = kept
         return results

@@ -476,3 +476,25 @@ def test_sources_from_an_s3_prefix(s3_server):
     items = list_sources("s3://curate-list/a", [".mp4"], opts)
     assert sorted(it.uri for it in items) == ["s3://curate-list/a/b/two video.mp4", "s3://curate-list/a/one.mp4"]
     assert all(all(ch.isalnum() or ch in "_-" for ch in it.source_id) for it in items)
+
+
+def test_unexpected_errors_reject_one_input_or_clip_not_the_job(corpus, monkeypatch):
+    root, _ = corpus
+    import data_pipeline.pipeline as pipeline
+    from data_pipeline.stages.models import ModelFilters
+
+    cfg = _cfg(root, "/tmp/unused", "filters.nsfw=false")
+    item = _item(root, "video_0000.mp4")
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("odd frame")
+
+    monkeypatch.setattr(pipeline, "process_video", boom)
+    res = pipeline.run_video_stage(item, cfg, {})
+    assert [(r["stage"], r["reason"]) for r in res.rejections] == [("decode", "error")]
+    monkeypatch.undo()
+    res = pipeline.run_video_stage(item, cfg, {})
+    filt = ModelFilters(cfg)
+    filt.ocr = boom
+    filt([res])
+    assert res.clips == [] and {r["reason"] for r in res.rejections} == {"filter_error"}
