@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,7 +76,9 @@ def write_checkpoint(run_dir: str | Path, step: int, model, config: dict, with_e
     }
     if with_ema:
         state["ema"] = ema_of(model)
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed)
     if rank == 0:
         (tmp / "vchitect.json").write_text(json.dumps({"step": step, "config": config, "world_size": world,
                                                             "layout": {"dp_shard": world}}))

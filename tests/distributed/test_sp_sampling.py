@@ -39,7 +39,26 @@ def run_case(model, name: str) -> torch.Tensor:
     return sample(model, noise, cond, uncond, sigmas=flow_sigmas(STEPS, 2.0), guidance_scale=4.0, fastercache=fc)
 
 
-def worker(out: str) -> None:
+def sample_args(pipe: str, out: str):
+    import argparse
+
+    from vchitect.export.cli import add_sample_parser
+
+    parser = argparse.ArgumentParser()
+    add_sample_parser(parser.add_subparsers())
+    return parser.parse_args(["sample", pipe, "--prompt", "a red car", "--frames", "3", "--height", "16", "--width",
+                              "16", "--steps", "3", "--guidance-scale", "4", "--out", out])
+
+
+def gif_frames(path) -> "np.ndarray":
+    import numpy as np
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as im:
+        return np.stack([np.asarray(f.convert("RGB"), dtype=np.int16) for f in ImageSequence.Iterator(im)])
+
+
+def worker(out: str, pipe: str) -> None:
     import torch.distributed as dist
 
     from tests.helpers_ckpt import build_model
@@ -59,18 +78,26 @@ def worker(out: str) -> None:
         results[name + "/tokens"] = sorted(set(seen))
     if dist.get_rank() == 0:
         torch.save(results, out)
+    # `vchitect sample` under a multi-rank launch: sequence parallel over all ranks, rank 0 writes
+    args = sample_args(pipe, out + f".rank{dist.get_rank()}.gif")
+    assert args.func(args) == 0
     dist.destroy_process_group()
 
 
 def test_sp_sampling_on_two_ranks_equals_one_process(tmp_path):
-    from tests.helpers_ckpt import build_model
+    from tests.helpers_ckpt import build_model, make_encoders, run_config, write_checkpoint
+    from vchitect.export import export
     from vchitect.parallel.spawn import run_local
 
+    enc = make_encoders(tmp_path / "enc")
+    cfg = run_config(encoders={"text_encoder_path": str(enc["text_encoder"]), "vae_path": str(enc["vae"])})
+    write_checkpoint(tmp_path / "run", 1, build_model(0), cfg)
+    pipe = export(tmp_path / "run", tmp_path / "pipe")
     out = tmp_path / "sp.pt"
     env_path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{env_path}" if env_path else str(REPO)
     try:
-        run_local([__file__, str(out)], nproc=2, timeout=300)
+        run_local([__file__, str(out), str(pipe)], nproc=2, timeout=300)
     finally:
         if env_path:
             os.environ["PYTHONPATH"] = env_path
@@ -84,6 +111,11 @@ def test_sp_sampling_on_two_ranks_equals_one_process(tmp_path):
         expected = run_case(model, name)
         diff = (got[name] - expected).abs().max().item()
         assert diff < 1e-5, (name, diff)
+    assert not (tmp_path / "sp.pt.rank1.gif").exists()  # only rank 0 writes
+    single = sample_args(str(pipe), str(tmp_path / "single.gif"))
+    assert single.func(single) == 0
+    a, b = gif_frames(tmp_path / "sp.pt.rank0.gif"), gif_frames(tmp_path / "single.gif")
+    assert a.shape == b.shape == (3, 16, 16, 3) and abs(a - b).mean() < 0.5
 
 
 def test_sp_needs_a_process_group():
@@ -98,4 +130,4 @@ def test_sp_needs_a_process_group():
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    worker(sys.argv[1])
+    worker(sys.argv[1], sys.argv[2])
