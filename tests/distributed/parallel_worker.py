@@ -27,6 +27,7 @@ torch.set_num_threads(1)
 from vchitect.models import VchitectTransformer3DModel  # noqa: E402
 from vchitect.parallel import (ParallelConfig, ParallelDims, data_parallel_slice,  # noqa: E402
                                generator_for_rank, manual_seed, parallelize)
+from vchitect.parallel.grad_norm import clip_grad_norm_  # noqa: E402
 
 TINY = dict(sample_size=16, in_channels=4, num_layers=2, num_attention_heads=4, attention_head_dim=8,
             joint_attention_dim=24, pooled_projection_dim=12, pos_embed_max_size=32)
@@ -63,6 +64,7 @@ CASES = {
     "tp2_dp_shard2": (4, dict(dp_shard=2, tp=2), {}),
     "tp2_sp2_f1": (4, dict(dp_shard=1, tp=2, sp=2), dict(frames=1)),
     "dp_replicate2_sp2_ac_offload": (4, dict(dp_replicate=2, dp_shard=1, sp=2), dict(ac="full", offload=True)),
+    "tp2_dp_shard2_ac_offload": (4, dict(dp_shard=2, tp=2), dict(ac="selective", ratio=0.5, offload=True)),
     "tp2_sp2_qk_norm_nondivisible": (4, dict(dp_shard=1, tp=2, sp=2),
                                      dict(height=10, width=14, model=dict(qk_norm="rms_norm"))),
 }
@@ -165,6 +167,9 @@ def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
         loss.backward()
         if step == 0:
             ref_grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in ref.named_parameters()}
+            # clip to half the norm, so that clipping really acts in both runs
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf")).item()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5 * ref_norm)
         ref_losses.append(loss.item())
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
@@ -192,6 +197,8 @@ def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
                     none_mismatch.append(n)
                 elif g is not None:
                     grad_errs[n] = rel_err(g, r)
+            # both runs clip at step 0, so the three-step comparison covers clipping too
+            norm_err = abs(clip_grad_norm_(model.parameters(), 0.5 * ref_norm).item() - ref_norm) / ref_norm
         opt.step()
         opt.zero_grad(set_to_none=True)
     param_errs = {n: rel_err(full(p.detach()), dict(ref.named_parameters())[n].detach())
@@ -204,7 +211,7 @@ def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
         loss_err=max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
         grad_err=grad_errs[worst_grad], worst_grad=worst_grad,
         param_err=param_errs[worst_param], worst_param=worst_param,
-        none_mismatch=none_mismatch, checked_grads=len(grad_errs),
+        none_mismatch=none_mismatch, checked_grads=len(grad_errs), grad_norm_err=norm_err,
         seconds=round(time.time() - t0, 2),
     )
 

@@ -52,6 +52,7 @@ def test_layout_matches_single_process(name, layout_results):
     assert not rec["none_mismatch"], f"{name}: gradient present in one run only: {rec['none_mismatch']}"
     assert rec["checked_grads"] > 50, f"{name}: only {rec['checked_grads']} gradients compared"
     assert rec["grad_err"] <= TOL, f"{name}: gradient of {rec['worst_grad']} off by {rec['grad_err']:.2e} (relative)"
+    assert rec["grad_norm_err"] <= TOL, f"{name}: total gradient norm off by {rec['grad_norm_err']:.2e}"
     assert rec["param_err"] <= TOL, (f"{name}: after 3 AdamW steps {rec['worst_param']} off by "
                                      f"{rec['param_err']:.2e} (relative)")
 
