@@ -134,6 +134,23 @@ class GatherHeads(torch.autograd.Function):
         return chunks[ctx.rank], None, None, None
 
 
+# The collectives run eagerly even inside a torch.compile'd block: the compiled graph breaks around
+# them instead of tracing process-group calls inside autograd Functions.
+@torch.compiler.disable
+def seq_to_heads(x: torch.Tensor, group, P: int) -> torch.Tensor:
+    return SeqToHeads.apply(x, group, P)
+
+
+@torch.compiler.disable
+def heads_to_seq(x: torch.Tensor, group, P: int) -> torch.Tensor:
+    return HeadsToSeq.apply(x, group, P)
+
+
+@torch.compiler.disable
+def gather_heads(x: torch.Tensor, group, P: int, rank: int) -> torch.Tensor:
+    return GatherHeads.apply(x, group, P, rank)
+
+
 def _local_slice(x: torch.Tensor, rank: int, P: int, S: int) -> torch.Tensor:
     """Tokens [rank·S_loc, (rank+1)·S_loc) of x (N×S×…), zero-padded to S_loc."""
     S_loc = -(-S // P)
@@ -209,7 +226,7 @@ class UlyssesAttention:
         heads = slice(r * Hl, (r + 1) * Hl)
         N = q.shape[0]
         qkv = torch.stack([q[:, :S_loc], k[:, :S_loc], v[:, :S_loc]]).flatten(0, 1)  # 3N×S_loc×H×d
-        qkv = SeqToHeads.apply(qkv, sp.group, P).unflatten(0, (3, N))  # 3×N×S_pad×Hl×d
+        qkv = seq_to_heads(qkv, sp.group, P).unflatten(0, (3, N))  # 3×N×S_pad×Hl×d
         qt, kt, vt = q[:, S_loc:, heads], k[:, S_loc:, heads], v[:, S_loc:, heads]
         Lq = qt.shape[1]
         qh = torch.cat([qkv[0], qt], dim=1)
@@ -223,10 +240,10 @@ class UlyssesAttention:
                          else torch.ones(N, k.shape[1] - S_loc, dtype=torch.bool, device=q.device))
             mask = torch.cat([video_mask, text_mask], dim=1)
         out = dot_product_attention(qh, kh, vh, mask, self.backend)  # N×(S_pad+Lq)×Hl×d
-        video = HeadsToSeq.apply(out[:, :S_pad].contiguous(), sp.group, P)  # N×S_loc×H×d
+        video = heads_to_seq(out[:, :S_pad].contiguous(), sp.group, P)  # N×S_loc×H×d
         if Lq == 0:
             return video
-        text = GatherHeads.apply(out[:, S_pad:].contiguous(), sp.group, P, r)  # N×Lq×H×d
+        text = gather_heads(out[:, S_pad:].contiguous(), sp.group, P, r)  # N×Lq×H×d
         return torch.cat([video, text], dim=1)
 
 
