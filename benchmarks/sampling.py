@@ -4,6 +4,7 @@
     python benchmarks/sampling.py --preset demo                      # CPU, demo model, random weights
     python benchmarks/sampling.py --preset demo --ckpt runs/demo     # trained weights (any checkpoint)
     python benchmarks/sampling.py --preset 2b --latent 16x54x96 --dtype bf16   # GPU
+    python benchmarks/sampling.py --preset 2b --predict-only         # no GPU: FLOP-predicted speed-ups
 
 Each row samples the same noise and text with the Euler flow sampler (batched CFG) and one
 FasterCache setting, after a warm-up run; settings run round-robin ``--repeats`` times and the
@@ -77,6 +78,51 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak * peak / mse)).item()
 
 
+def attention_share(model_cfg, frames: int, height: int, width: int, text_len: int) -> float:
+    """Share of forward model FLOPs inside the blocks' attention modules (projections + kernels)."""
+    from vchitect.models.flops import model_flops
+
+    fc = model_flops(model_cfg, 2, frames, height, width, text_len)
+    attn = sum(v for k, v in fc.forward.items() if k.startswith(("block.qkv", "block.out", "block.attn")))
+    return attn / fc.forward_total
+
+
+def flop_ratio(stats: dict, uncached_evals: int, share: float) -> float:
+    """Uncached ÷ cached model FLOPs from the counted evaluations (embedding/final layers neglected)."""
+    cost = share * stats["attention_rows"] + (1 - share) * stats["block_rows"]
+    return uncached_evals / cost
+
+
+def predict(args, share: float) -> int:
+    """Counted evaluations of every setting (on a 1-block stand-in: counts do not depend on the network)
+    and the speed-up they imply for the preset's FLOP shares at this shape — for machines without the
+    hardware to time the preset."""
+    from vchitect.diffusion.fastercache import FasterCacheConfig
+    from vchitect.diffusion.sampling import TextCondition, flow_sigmas, sample
+    from vchitect.models import VchitectTransformer3DModel
+
+    model = VchitectTransformer3DModel(sample_size=4, in_channels=1, num_layers=1, num_attention_heads=1,
+                                       attention_head_dim=4, joint_attention_dim=2, pooled_projection_dim=2)
+    x = torch.zeros(1, 1, 2, 2, 2)
+    cond, uncond = (TextCondition(torch.ones(1, 1, 2) * v, torch.ones(1, 2) * v) for v in (1.0, -1.0))
+    uncached = 2 * args.steps
+    print(f"attention share of forward FLOPs: {share:.3f}; {args.steps} steps; predicted from counted evaluations")
+    rows = []
+    for name, setting in SETTINGS.items():
+        if setting is None:
+            continue
+        fc = FasterCacheConfig(**setting)
+        sample(model, x, cond, uncond, sigmas=flow_sigmas(args.steps), guidance_scale=2.0, fastercache=fc)
+        r = flop_ratio(fc.stats, uncached, share)
+        rows.append({"setting": name, "predicted_speedup": round(r, 2), "block_evals": fc.stats["block_rows"],
+                     "attention_evals": fc.stats["attention_rows"]})
+        print(f"{name:<66} ×{r:.2f}  blocks {fc.stats['block_rows']}/{uncached}  "
+              f"attention {fc.stats['attention_rows']}/{uncached}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "attention_share": share, "rows": rows}, indent=2))
+    return 0
+
+
 def main() -> int:
     from vchitect.diffusion.fastercache import FasterCacheConfig
     from vchitect.diffusion.sampling import TextCondition, flow_sigmas, sample
@@ -97,7 +143,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--only", nargs="*", default=None, help="names of SETTINGS rows to run")
     ap.add_argument("--json", default=None, help="write the rows here as JSON")
+    ap.add_argument("--predict-only", action="store_true", help="no timing: speed-ups predicted from counted "
+                    "evaluations and the preset's analytic FLOPs (for presets too large for this machine)")
     args = ap.parse_args()
+    if args.predict_only:
+        from vchitect.config import load_config
+
+        cfg = load_config(ROOT / PRESETS[args.preset]).model
+        F, H, W = (int(v) for v in (args.latent or DEFAULT_LATENT[args.preset]).split("x"))
+        return predict(args, attention_share(cfg, F, H, W, TEXT_LEN[args.preset]))
     torch.set_num_threads(args.threads)
     clock = args.clock or ("wall" if args.device.startswith("cuda") else "cpu")
     now = time.perf_counter if clock == "wall" else time.process_time
@@ -140,6 +194,7 @@ def main() -> int:
             outs[name], dt, stats[name] = run(SETTINGS[name])
             times[name].append(dt)
     layers = len(model.transformer_blocks)
+    share = attention_share(c, F, H, W, L)
     ref, base = outs["uncached"], min(times["uncached"])
     stats["uncached"] = {"block_rows": 2 * args.steps * layers, "attention_rows": 2 * args.steps * layers}
     rows = []
@@ -147,10 +202,12 @@ def main() -> int:
         t = min(times[name])  # the least disturbed run
         row = {"setting": name, "seconds": round(t, 3), "speedup": round(base / t, 2),
                "psnr_db": None if name == "uncached" else round(psnr(outs[name], ref), 2),
-               "block_evals": stats[name].get("block_rows"), "attention_evals": stats[name].get("attention_rows")}
+               "block_evals": stats[name].get("block_rows"), "attention_evals": stats[name].get("attention_rows"),
+               "flop_ratio": round(flop_ratio(stats[name], 2 * args.steps * layers, share), 2)}
         rows.append(row)
-        print(f"{name:<66} {t:8.2f}s  ×{row['speedup']:<5} PSNR {row['psnr_db'] if row['psnr_db'] else '  -  '}"
-              f"  blocks {row['block_evals']}  attention {row['attention_evals']}", flush=True)
+        print(f"{name:<66} {t:8.2f}s  ×{row['speedup']:<5} (FLOPs ×{row['flop_ratio']:<5}) PSNR "
+              f"{row['psnr_db'] if row['psnr_db'] else '  -  '}  blocks {row['block_evals']}  "
+              f"attention {row['attention_evals']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": device_name, "clock": clock,
                                                "rows": rows}, indent=2))

@@ -116,6 +116,9 @@ class VchitectPipeline(DiffusionPipeline):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """B×C×F×h×w latents → B×3×F×H×W pixels in [-1, 1] (identity without a VAE)."""
         if self.vae is None:
+            if latents.shape[1] != 3:
+                raise ValueError(f"this pipeline has no VAE and the model makes {latents.shape[1]}-channel latents, "
+                                 f"not RGB; use output_type='latent', or export with --base DIR holding a vae/")
             return latents
         cfg = self.vae.config
         z = latents.float()
