@@ -85,3 +85,36 @@ def test_parallel_config_validation():
         from_dict(ParallelConfig, {"dp_replicate": -1})
     with pytest.raises(ConfigError, match="activation_checkpointing"):
         from_dict(ParallelConfig, {"activation_checkpointing": "some"})
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return VchitectTransformer3DModel(sample_size=16, in_channels=4, num_layers=2, num_attention_heads=4,
+                                      attention_head_dim=8, joint_attention_dim=24, pooled_projection_dim=12,
+                                      pos_embed_max_size=32)
+
+
+def test_parallelize_needs_the_launched_ranks():
+    with pytest.raises(ParallelLayoutError, match="needs 2 ranks but torch.distributed is not initialised"):
+        parallelize(_tiny(), ParallelDims(dp_shard=2, world_size=2), ParallelConfig(), device_type="cpu")
+
+
+def test_single_process_fsdp_offload_and_checkpointing_match_plain():
+    """One rank: FSDP2 (for CPU offload) on a 1-rank group started by parallelize, full AC + offload."""
+    ref, model = _tiny(), _tiny()
+    try:
+        parallelize(model, ParallelDims(world_size=1), ParallelConfig(cpu_offload=True, activation_checkpointing="full",
+                                                                       activation_offload=True), device_type="cpu")
+        assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
+        g = torch.Generator().manual_seed(0)
+        inputs = (torch.randn(2, 4, 2, 8, 8, generator=g), torch.randn(2, 5, 24, generator=g),
+                  torch.randn(2, 12, generator=g), torch.rand(2, generator=g) * 1000)
+        for m in (ref, model):
+            m(*inputs).sample.square().mean().backward()
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            if q.grad is None:
+                assert p.grad is None, n
+            else:
+                torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-7, msg=n)
+    finally:
+        torch.distributed.destroy_process_group()

@@ -20,7 +20,7 @@ from torch import nn
 
 from .checkpointing import apply_block_wrappers
 from .config import ParallelConfig
-from .dims import ParallelDims
+from .dims import ParallelDims, ParallelLayoutError
 from .fsdp import apply_fsdp
 from .tensor_parallel import apply_tensor_parallel
 from .ulysses import apply_ulysses
@@ -36,13 +36,14 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Optional[ParallelConf
     in place and return it. Every check runs before any process group or parameter is touched."""
     cfg = cfg or ParallelConfig()
     device_type = device_type or default_device_type()
-    heads = model.config.num_attention_heads
-    if dims.num_heads is None:
-        dims.num_heads = heads
-        dims._validate()
+    dims.num_heads = model.config.num_attention_heads
+    dims._validate()
     compile_blocks = cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda")
     bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device_type == "cuda")
-    dims.build_mesh(device_type)
+    use_fsdp = dims.fsdp_enabled or bf16 or cfg.cpu_offload
+    if dims.tp_enabled or dims.sp_enabled or use_fsdp:
+        _ensure_process_group(dims, device_type)
+        dims.build_mesh(device_type)
     if device_type == "cuda":
         model.to(torch.device("cuda", torch.cuda.current_device()))
 
@@ -55,11 +56,30 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Optional[ParallelConf
         compile_blocks=compile_blocks, device_type=device_type)
     # FSDP2 also carries the bf16 MixedPrecisionPolicy and the CPU offload, so it is applied (on a
     # 1-rank mesh) without data or sequence parallelism when either is wanted.
-    if dims.fsdp_enabled or bf16 or cfg.cpu_offload:
+    if use_fsdp:
         apply_fsdp(model, dims, mixed_precision=cfg.mixed_precision, cpu_offload=cfg.cpu_offload,
                    reshard_after_forward=cfg.reshard_after_forward, device_type=device_type)
     model._parallel_dims = dims
     return model
+
+
+def _ensure_process_group(dims: ParallelDims, device_type: str) -> None:
+    """Check the launched world against the layout; start a 1-rank group for single-device runs."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != dims.world_size:
+            raise ParallelLayoutError(
+                f"{dims.describe()} was planned for {dims.world_size} ranks but {dist.get_world_size()} were "
+                f"launched; build ParallelDims after init_process_group (world_size=None) or launch "
+                f"{dims.world_size} ranks")
+        return
+    if dims.world_size != 1:
+        raise ParallelLayoutError(
+            f"{dims.describe()} needs {dims.world_size} ranks but torch.distributed is not initialised; "
+            f"launch with torchrun / `vchitect train` (which call init_process_group) first")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 # ------------------------------------------------------------------ data and RNG

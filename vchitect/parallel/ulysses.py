@@ -128,7 +128,7 @@ class GatherHeads(torch.autograd.Function):
         chunks = g.reshape(N, L, P, H // P, d).permute(2, 0, 1, 3, 4).contiguous()  # P×N×L×Hl×d
         if dist.get_backend(ctx.group) == "nccl":
             out = chunks.new_empty(chunks.shape[1:])
-            _reduce_scatter_single(out, chunks, group=ctx.group)
+            _reduce_scatter_single(out, chunks.flatten(0, 1), group=ctx.group)  # input: P·N×L×Hl×d
             return out, None, None, None
         dist.all_reduce(chunks, group=ctx.group)  # gloo has no reduce-scatter of tensors
         return chunks[ctx.rank], None, None, None
