@@ -239,7 +239,7 @@ class _WindowWork:
         frames_jpeg = [cv2.imencode(".jpg", cv2.cvtColor(self.rgb[i], cv2.COLOR_RGB2BGR),
                                     [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
                        for i in sorted(self.rgb)]
-        hashes = [filters.phash(self.gray[i]) for i in sorted(self.sample_at) if i in self.gray]
+        hashes = [h for i in sorted(self.rgb) for h in filters.phash_rgb(self.rgb[i])]
         meta = {
             "source_uri": self.item.uri, "source_id": self.item.source_id, "clip": self.idx,
             "start": round(s_sec, 4), "end": round(e_sec, 4),

@@ -1,7 +1,7 @@
 """Near-duplicate removal across the whole run, from per-frame 64-bit perceptual hashes.
 
-Two clips are duplicates when every pair of corresponding sampled-frame hashes is within
-``max_distance`` bits. Candidates come from banding the middle frame's hash into 8 bytes: two
+Each clip carries a list of 64-bit hashes (one per colour channel of each sampled frame). Two
+clips are duplicates when every pair of corresponding hashes is within ``max_distance`` bits. Candidates come from banding the middle hash into 8 bytes: two
 hashes within fewer than 8 differing bits share at least one byte, so no pair is missed; larger
 distances fall back to comparing every pair. The first clip in key order is kept.
 """

@@ -90,13 +90,26 @@ def motion(pairs: Sequence[tuple[np.ndarray, np.ndarray]], dt: float) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
-def phash(gray: np.ndarray) -> int:
-    """64-bit DCT perceptual hash of a grayscale frame."""
-    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+def phash_rgb(rgb: np.ndarray) -> list[int]:
+    """Three 64-bit perceptual hashes of a frame: luma and two opponent-colour channels.
+
+    A DCT hash keeps only which coefficients are above the median, so a red and a green
+    triangle on the same grey background hash alike in luma (and in each RGB channel); in the
+    opponent channels R−G and (R+G)/2−B their signs differ.
+    """
+    f = rgb.astype(np.float32)
+    r, g, b = f[:, :, 0], f[:, :, 1], f[:, :, 2]
+    return [phash(0.299 * r + 0.587 * g + 0.114 * b), phash(r - g), phash((r + g) / 2 - b)]
+
+
+def phash(channel: np.ndarray) -> int:
+    """64-bit DCT perceptual hash of one image channel; 0 for a flat channel (stable under noise)."""
+    small = cv2.resize(channel.astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA)
     low = cv2.dct(small)[:8, :8].ravel()
+    if np.abs(low[1:]).max() < 8.0:  # no structure: the bits would only encode noise
+        return 0
     med = np.median(low[1:])
-    bits = low > med
-    return int(sum(1 << i for i, b in enumerate(bits) if b))
+    return int(sum(1 << i for i, bit in enumerate(low > med) if bit))
 
 
 # ----------------------------------------------------------------------------- model filters

@@ -117,7 +117,7 @@ def test_process_video_cuts_scores_and_encodes(corpus):
             n = sum(1 for _ in c.decode(s))
         assert n == clip.meta["num_frames"] == round((clip.end - clip.start) * 12)
         assert clip.meta["fps"] == pytest.approx(12.0)
-        assert len(clip.frames) == cfg.filters.frames_per_clip and len(clip.phash) == cfg.filters.frames_per_clip
+        assert len(clip.frames) == cfg.filters.frames_per_clip and len(clip.phash) == 3 * cfg.filters.frames_per_clip
 
 
 def test_clip_fps_override_and_size_cap(corpus):
@@ -498,3 +498,20 @@ def test_unexpected_errors_reject_one_input_or_clip_not_the_job(corpus, monkeypa
     filt.ocr = boom
     filt([res])
     assert res.clips == [] and {r["reason"] for r in res.rejections} == {"filter_error"}
+
+
+def test_colour_aware_hash_tells_same_layout_different_colour_apart():
+    import cv2
+
+    frames = {}
+    for name, color in (("red", (220, 30, 30)), ("green", (30, 170, 50))):
+        img = np.full((128, 128, 3), 245, np.uint8)
+        cv2.fillPoly(img, [np.array([[64, 30], [34, 90], [94, 90]], np.int32)], color)
+        frames[name] = img
+    gray = {k: filters.phash(cv2.cvtColor(v, cv2.COLOR_RGB2GRAY)) for k, v in frames.items()}
+    assert gray["red"] == gray["green"]  # what a luma-only hash sees
+    red, green = filters.phash_rgb(frames["red"]), filters.phash_rgb(frames["green"])
+    assert find_duplicates({("a", 0): red, ("b", 0): green}, max_distance=6) == {}
+    noisy = np.clip(frames["red"].astype(int) + np.random.default_rng(0).integers(-3, 4, (128, 128, 3)), 0, 255)
+    assert find_duplicates({("a", 0): red, ("b", 0): filters.phash_rgb(noisy.astype(np.uint8))}, 6) \
+        == {("b", 0): ("a", 0)}
