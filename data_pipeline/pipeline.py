@@ -163,6 +163,7 @@ def check_resources(cfg: CurateConfig, cpus: float, uses_models: bool, uses_vlm:
             f"the actor pools would hold {held:g} of {cpus:g} CPUs, leaving less than "
             f"ray.video_task_cpus={cfg.ray.video_task_cpus:g} for the video tasks that feed them, "
             "which would stall the pipeline; lower ray.model_actors / ray.caption_actors / "
+            "ray.latents_actors / "
             "ray.model_actor_cpus or give Ray more CPUs (ray.num_cpus)")
 
 
