@@ -156,10 +156,11 @@ def finalize(out: str, cfg, source_ids: Iterable[str], *, fingerprint: str, opti
         by_stage.setdefault(rec["stage"], Counter())[rec["reason"]] += 1
     rejected.sort(key=lambda r: (r["source_id"], -1 if r["clip"] is None else r["clip"], r["stage"]))
 
-    # Remove shards of an earlier run that packed more of them.
+    # Remove shards of an earlier run that packed more of them, and half-written files.
     keep = {e["name"] for e in index}
     for name in vio.list_names(out, options):
-        if name.startswith(cfg.output.prefix + "-") and name.endswith(".tar") and name not in keep:
+        stale_shard = name.startswith(cfg.output.prefix + "-") and name.endswith(".tar") and name not in keep
+        if stale_shard or name.startswith(".tmp-"):  # .tmp-*: a local write cut short by a kill
             vio.remove(vio.join(out, name), options)
 
     counts["shards"] = len(index)

@@ -341,7 +341,9 @@ def test_finalize_is_deterministic_and_repairs_a_partial_output(tmp_path, corpus
     os.remove(tmp_path / "out" / names[0])
     (tmp_path / "out" / names[-1]).write_bytes(first[names[-1]][:100])
     (tmp_path / "out" / "shard-000099.tar").write_bytes(b"stale")
+    (tmp_path / "out" / ".tmp-abc123").write_bytes(b"half a shard")
     finalize(out, cfg, ids, fingerprint="f")
+    assert not (tmp_path / "out" / ".tmp-abc123").exists()
     again = {n: (tmp_path / "out" / n).read_bytes() for n in names + ["index.json", "rejected.jsonl"]}
     assert again == first
     assert not (tmp_path / "out" / "shard-000099.tar").exists()
