@@ -166,8 +166,16 @@ class SlurmCluster:
         return "\n".join(out)
 
     def stop(self) -> None:
-        if self.env:
-            self.run("scancel", "--user", "root", check=False)  # jobs of this cluster only (its SLURM_CONF)
+        if self.env and self.procs:
+            # Jobs of this cluster only (its SLURM_CONF). Wait for them to end: their slurmstepd
+            # processes are daemons of their own and would outlive slurmd.
+            self.run("scancel", "--user", "root", check=False)
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                r = self.run("squeue", "-h", "-o", "%i", check=False)
+                if r.returncode != 0 or not r.stdout.strip():
+                    break
+                time.sleep(0.5)
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -71,6 +71,10 @@ def job_logs(log_dir: Path) -> str:
     return "\n".join(out)
 
 
+def node_logs(restart_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(restart_dir.glob("node-*.out")))
+
+
 def wait_done(cluster, job_id: int, log_dir: Path, timeout: float = 300) -> dict:
     try:
         return cluster.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout)
@@ -105,8 +109,8 @@ def test_two_node_training_job_equals_a_local_two_process_run(slurm_cluster, ref
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs
     assert info["NodeList"] == "node[1-2]"
     assert (run / "slurm" / f"{job}.sbatch").is_file()  # the exact script, kept with the logs
-    node_logs = sorted(p.name for p in (run / "slurm" / str(job) / "restart-0").glob("node-*.out"))
-    assert node_logs == ["node-0.out", "node-1.out"], logs
+    names = sorted(p.name for p in (run / "slurm" / str(job) / "restart-0").glob("node-*.out"))
+    assert names == ["node-0.out", "node-1.out"], logs
     assert "training finished" in (run / "slurm" / f"vchitect-train-{job}.out").read_text()
     assert losses(run) == losses(reference)  # bitwise: floats compare exactly
     assert_same_model(run / "checkpoints" / f"step-{STEPS:09d}", reference / "checkpoints" / f"step-{STEPS:09d}")
@@ -135,18 +139,17 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_cluster,
     batch_log = (run / "slurm" / f"preempt-me-{job}.out").read_text()
     assert "SIGUSR1: asking the trainer ranks to checkpoint and exit" in batch_log
     assert "requeueing job" in batch_log and "restart 1]" in batch_log and "training finished" in batch_log
-    first = (run / "slurm" / str(job) / "restart-0" / "node-0.out").read_text()
+    # c10d numbers the nodes in the order they join, so rank 0 (which logs) may be on either node
+    first = node_logs(run / "slurm" / str(job) / "restart-0")
     assert "preemption signal received: saving step" in first, logs
     stopped = int(first.split("preemption signal received: saving step")[1].split()[0])
     assert 1 <= stopped < STEPS, "the signal should stop the run early"
-    second = (run / "slurm" / str(job) / "restart-1" / "node-0.out").read_text()
+    second = node_logs(run / "slurm" / str(job) / "restart-1")
     assert f"resumed from {run / 'checkpoints' / f'step-{stopped:09d}'}" in second, logs
 
     assert find_latest(run / "checkpoints").name == f"step-{STEPS:09d}"
     assert losses(run) == losses(reference)
     assert_same_model(run / "checkpoints" / f"step-{STEPS:09d}", reference / "checkpoints" / f"step-{STEPS:09d}")
-    assert_same_model(run / "checkpoints" / f"step-{stopped:09d}",
-                      run / "checkpoints" / f"step-{stopped:09d}")  # the preemption checkpoint is complete
 
 
 # ----------------------------------------------------------------------------- curation on Ray
