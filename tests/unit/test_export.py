@@ -116,13 +116,17 @@ def test_export_errors_leave_nothing_behind(ckpt, tmp_path):
     broken = tmp_path / "base"
     (broken / "vae").mkdir(parents=True)
     (broken / "vae" / "config.json").write_text("{not json")
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(ExportError, match="cannot be read as JSON"):
         export(root / "run", tmp_path / "z", base=broken)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "full"]  # no x, y, z, no temporary folders
+    with pytest.raises(ExportError, match="do not fit this model config"):
+        write_checkpoint(tmp_path / "mismatch", 1, build_model(0), run_config({"patch_size": 4}))
+        export(tmp_path / "mismatch", tmp_path / "v")
     with pytest.raises(ExportError, match="pass --base"):
         cfg = run_config(encoders={"vae_path": str(tmp_path / "missing-vae")})
         write_checkpoint(tmp_path / "elsewhere", 1, build_model(0), cfg)
         export(tmp_path / "elsewhere", tmp_path / "w")
+    # no x, y, z, v, w output folders and no temporary folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "elsewhere", "full", "mismatch"]
 
 
 def test_pixel_space_pipeline_without_encoders(tmp_path):

@@ -126,9 +126,13 @@ def cmd_sample(args) -> int:
     fastercache = FasterCacheConfig() if args.fastercache else None
     freeinit = FreeInitConfig(reinits=args.freeinit, filter=args.freeinit_filter) if args.freeinit else None
     generator = torch.Generator().manual_seed(args.seed)
-    video = pipe(args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,
-                 width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                 generator=generator, output_type="np", fastercache=fastercache, freeinit=freeinit).frames
+    try:
+        video = pipe(args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,
+                     width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                     generator=generator, output_type="np", fastercache=fastercache, freeinit=freeinit).frames
+    except ValueError as exc:  # shapes, missing text encoder / VAE: the message says what to do
+        print(f"sample error: {exc}")
+        return 2
     if rank == 0:
         path = write_video(video[0], args.out, fps=args.fps)
         print(f"wrote {path} ({video.shape[1]} frames, {video.shape[2]}×{video.shape[3]})")

@@ -152,6 +152,14 @@ def _component_paths(config: dict, base: Optional[Path]) -> dict[str, Optional[P
     return paths
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path} cannot be read as JSON ({exc}); point the config or --base at a complete "
+                          f"saved model folder") from None
+
+
 def _subfolder(p: Path, sub: str) -> Path:
     """``p`` or, when ``p`` is a whole pipeline folder, ``p/sub``."""
     if not (p / "config.json").is_file() and (p / sub).is_dir():
@@ -166,7 +174,7 @@ def _text_sources(paths: dict, name: str, tok: str) -> Optional[tuple[Path, Path
         return None
     src = _subfolder(root, name if (root / name).is_dir() else "text_encoder")
     tok_src = paths.get(tok) or next((root / t for t in (tok, "tokenizer") if (root / t).is_dir()), src)
-    arch = (json.loads((src / "config.json").read_text()).get("architectures") or [None])[0]
+    arch = (_read_json(src / "config.json").get("architectures") or [None])[0]
     if arch is None:
         raise ExportError(f"{src}/config.json names no architecture; save the text encoder with "
                           f"transformers' save_pretrained")
@@ -191,7 +199,7 @@ def _copy_components(paths: dict, out: Path) -> dict:
     index: dict = {"vae": [None, None]}
     if paths.get("vae") is not None:
         src = _subfolder(paths["vae"], "vae")
-        cfg = json.loads((src / "config.json").read_text())
+        cfg = _read_json(src / "config.json")
         _copy_tree(src, out / "vae")
         index["vae"] = ["diffusers", cfg.get("_class_name", "AutoencoderKL")]
     for name, tok, _ in TEXT_COMPONENTS:
@@ -203,7 +211,7 @@ def _copy_components(paths: dict, out: Path) -> dict:
         _copy_tree(src, out / name)
         _copy_tree(tok_src, out / tok, only=_is_tokenizer_file)
         tok_cfg_file = out / tok / "tokenizer_config.json"
-        tok_cfg = json.loads(tok_cfg_file.read_text()) if tok_cfg_file.is_file() else {}
+        tok_cfg = _read_json(tok_cfg_file) if tok_cfg_file.is_file() else {}
         tok_class = tok_cfg.get("tokenizer_class")
         if not tok_class or tok_class.startswith("Auto"):
             tok_class = "PreTrainedTokenizerFast"
@@ -231,7 +239,12 @@ def load_transformer(step_dir: Path, config: dict, ema: bool = False, dtype: str
     if missing or unexpected:
         raise ExportError(f"{step_dir} does not match config.model: missing {missing[:5]}, unexpected "
                           f"{unexpected[:5]}")
-    model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in weights.items()}, strict=True, assign=True)
+    try:
+        model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in weights.items()}, strict=True, assign=True)
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:300])
+        raise ExportError(f"the weights in {step_dir} do not fit this model config ({first}); use the config the "
+                          f"run was trained with (the one recorded in {CHECKPOINT_META})") from None
     return model.eval()
 
 
@@ -255,7 +268,7 @@ def pipeline_from_checkpoint(ckpt: str | Path, base: str | Path | None = None, e
     vae = None
     if paths.get("vae") is not None:
         src = _subfolder(paths["vae"], "vae")
-        name = json.loads((src / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+        name = _read_json(src / "config.json").get("_class_name", "AutoencoderKL")
         vae = getattr(diffusers, name).from_pretrained(src).eval()
     text: dict = {}
     for name, tok, _ in TEXT_COMPONENTS:
