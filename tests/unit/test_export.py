@@ -109,6 +109,9 @@ def test_export_errors_leave_nothing_behind(ckpt, tmp_path):
     (tmp_path / "full" / "keep").write_text("x")
     with pytest.raises(ExportError, match="--overwrite"):
         export(root / "run", tmp_path / "full")
+    export(root / "run", tmp_path / "again")
+    export(root / "run", tmp_path / "again", overwrite=True, dtype="bf16")
+    assert (tmp_path / "again" / "model_index.json").is_file() and not list(tmp_path.glob(".again*"))
     with pytest.raises(ExportError, match="no EMA"):
         step = root / "noema" / "checkpoints"
         write_checkpoint(root / "noema", 5, build_model(0), run_config(), with_ema=False)
@@ -126,7 +129,7 @@ def test_export_errors_leave_nothing_behind(ckpt, tmp_path):
         write_checkpoint(tmp_path / "elsewhere", 1, build_model(0), cfg)
         export(tmp_path / "elsewhere", tmp_path / "w")
     # no x, y, z, v, w output folders and no temporary folders
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "elsewhere", "full", "mismatch"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "base", "elsewhere", "full", "mismatch"]
 
 
 def test_pixel_space_pipeline_without_encoders(tmp_path):

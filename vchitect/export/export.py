@@ -328,9 +328,13 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = False, dtype: str = "f
             "shift_reference_tokens": ref_tokens,
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
+        old = None
+        if out.exists():  # --overwrite (or an empty folder): swap, so OUT is never missing or partial
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
         os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
