@@ -9,7 +9,8 @@
     vchitect export CKPT OUT [--ema] [--dtype …]  checkpoint → diffusers pipeline folder
     vchitect sample (CONFIG CKPT | EXPORT_DIR) --prompt … --out video.mp4
     vchitect submit (train|curate) CONFIG --nodes N --gpus-per-node G [--dry-run]
-    vchitect demo                                 forward + backward smoke run of the demo model
+    vchitect demo [--out demo_out] [--quick]      the whole pipeline on CPU (docs/demo.md); --smoke: one step
+    vchitect eval VIDEOS_DIR                      VBench-style metrics and the prompt-following probe
 """
 
 from __future__ import annotations
@@ -107,9 +108,30 @@ def cmd_submit(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .smoke import run_smoke
+    if args.smoke:
+        from .smoke import run_smoke
 
-    return run_smoke(args.config, args.overrides)
+        return run_smoke(args.config, args.overrides)
+    from pathlib import Path
+
+    from .demo import DemoSettings, run_demo
+
+    out = Path(args.out)
+    s = DemoSettings.quick_settings(out, args.overrides) if args.quick else DemoSettings(out=out,
+                                                                                       overrides=args.overrides)
+    if args.steps is not None:
+        s.steps = args.steps
+    if args.videos is not None:
+        s.videos = args.videos
+    run_demo(s)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.cli import run_eval
+
+    return run_eval(args.videos_dir, subject=args.subject_features, background=args.background_features,
+                    json_out=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,10 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
     p_submit.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     p_submit.set_defaults(func=cmd_submit)
 
-    p_demo = sub.add_parser("demo", help="run the demo (currently: forward + backward of the demo model)")
-    p_demo.add_argument("--config", default=None, help="model config (default: configs/model/demo.yaml)")
-    p_demo.add_argument("overrides", nargs="*", help="dotted overrides")
+    p_demo = sub.add_parser("demo", help="the whole pipeline on CPU: synthetic corpus → curation → training on "
+                            "2 processes → sampling → diffusers export → probe and metrics (docs/demo.md)")
+    p_demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p_demo.add_argument("--quick", action="store_true", help="a few steps on a tiny corpus: checks every stage "
+                        "and output in about two minutes (the model does not learn)")
+    p_demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
+    p_demo.add_argument("--videos", type=int, default=None, help="clean raw videos of 3 shots (default 48)")
+    p_demo.add_argument("--smoke", action="store_true", help="only one forward + backward of the demo model")
+    p_demo.add_argument("--config", default=None, help="--smoke: model config (default: configs/model/demo.yaml)")
+    p_demo.add_argument("overrides", nargs="*", help="dotted overrides of the training config "
+                        "(with --smoke: of the model config)")
     p_demo.set_defaults(func=cmd_demo)
+
+    p_eval = sub.add_parser("eval", help="VBench-style metrics (and the prompt-following probe when prompts are "
+                            "known) of the videos in a folder")
+    p_eval.add_argument("videos_dir", help="folder of .gif / .mp4 videos; prompts from prompts.json "
+                        "({file stem: prompt}) or a .txt beside each video")
+    p_eval.add_argument("--subject-features", default=None, help="pixels (default), dino:PATH or clip:PATH")
+    p_eval.add_argument("--background-features", default=None, help="pixels (default), dino:PATH or clip:PATH")
+    p_eval.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p_eval.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -32,6 +32,6 @@ def test_model_info_2b_prints_official_parameter_count():
 
 
 def test_demo_smoke_runs_forward_and_backward():
-    r = run("demo")
+    r = run("demo", "--smoke")
     assert r.returncode == 0, r.stderr
     assert "loss " in r.stdout and "received gradients" in r.stdout
