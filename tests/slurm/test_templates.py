@@ -127,3 +127,24 @@ def test_helpers_cli():
     r = subprocess.run([sys.executable, "-m", "launch.slurm", "node-addr", "localhost"], capture_output=True,
                        text=True, cwd=REPO)
     assert r.returncode == 0 and r.stdout.strip() in ("127.0.0.1", "::1")
+
+
+def test_submit_pipes_the_script_to_sbatch_and_reports_the_resume_point(monkeypatch, tmp_path, capsys):
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ncat > {tmp_path}/submitted.sh\necho '4242;cluster'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+    step = tmp_path / "run" / "checkpoints" / "step-000000010"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"")
+    (step / "vchitect.json").write_text("{}")
+    args = submit_args("train", str(REPO / "configs/train/demo.yaml"), f"train.output_dir={tmp_path}/run",
+                       dry_run=False)
+    assert slurm.submit(args) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "4242"
+    assert f"resume from {step}" in err
+    submitted = (tmp_path / "submitted.sh").read_text()
+    assert submitted == (tmp_path / "run" / "slurm" / "4242.sbatch").read_text()
+    assert f"#SBATCH --output={tmp_path}/run/slurm/%x-%j.out" in submitted
