@@ -182,7 +182,7 @@ def main() -> int:
         return out, now() - t0, (fc.stats if fc is not None else {})
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{args.preset} model ({'checkpoint ' + args.ckpt if args.ckpt else 'random weights'}), latent "
+    print(f"{'model of checkpoint ' + args.ckpt if args.ckpt else args.preset + ' model (random weights)'}, latent "
           f"{c.in_channels}×{F}×{H}×{W}, {args.steps} steps, CFG {args.guidance_scale}, {args.dtype}, {device_name}, "
           f"{clock} time")
     run(None)  # warm-up
