@@ -21,7 +21,7 @@ def test_block_selection_is_spread_evenly():
         checkpointed_block_indices(4, "half")
 
 
-def tiny(frames_zero_init=False):
+def tiny():
     torch.manual_seed(0)
     m = VchitectTransformer3DModel(sample_size=16, in_channels=4, num_layers=4, num_attention_heads=4,
                                    attention_head_dim=8, joint_attention_dim=24, pooled_projection_dim=12,

@@ -31,7 +31,6 @@ def run_local(argv: list[str], nproc: int, timeout: float = 600, threads: int = 
         procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=out, stderr=out, text=True))
     deadline = time.time() + timeout
     results: dict[int, subprocess.CompletedProcess] = {}
-    outputs: dict[int, tuple[str, str]] = {}
     try:
         while len(results) < nproc:
             for rank, p in enumerate(procs):
@@ -50,5 +49,4 @@ def run_local(argv: list[str], nproc: int, timeout: float = 600, threads: int = 
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    del outputs
     return [results[r] for r in range(nproc)]

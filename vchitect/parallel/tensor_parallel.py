@@ -85,4 +85,4 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         parallelize_module(block, tp_mesh, block_plan(block))
 
 
-__all__ = ["apply_tensor_parallel", "block_plan", "Replicate"]
+__all__ = ["apply_tensor_parallel", "block_plan"]
