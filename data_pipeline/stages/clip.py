@@ -1,14 +1,16 @@
 """Per-video CPU work: probe → shot split → clip windows → cheap filters → H.264 clips.
 
 :func:`process_video` is the unit of work a Ray task runs for one input. It decodes the video
-twice: once for shot detection (on strided ~128 px copies of each frame), then once sequentially
-while cutting, scoring (blur, motion, perceptual hash and sampled frames for the model stages, at
-``split.analysis_size``) and encoding every window. It returns an :class:`InputResult`; nothing
+once: each frame goes to the shot detector (a strided ~128 px copy), then, a few frames later
+(``clip.margin`` plus the detector's lag, so that the cuts around it are known), to the window
+planner, the cheap filters (blur, motion, perceptual hash and sampled frames for the model
+stages, at ``split.analysis_size``) and the clip encoder. It returns an :class:`InputResult`; nothing
 here knows about Ray.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Optional
@@ -20,7 +22,7 @@ import numpy as np
 from ..video import even_size, pick_h264_encoder
 from . import filters
 from .probe import ProbeResult, Rejected, probe
-from .split import ShotDetector, plan_windows
+from .split import LateCut, ShotDetector, WindowPlanner
 
 
 @dataclass
@@ -119,129 +121,250 @@ def _iter_frames(path: str):
             yield frame
 
 
-def _cut_and_score(path: str, pr: ProbeResult, item, cfg, res: InputResult) -> None:
-    fps = pr.fps
-    a_size = analysis_size(pr.width, pr.height, cfg.split.analysis_size)
+def _make_detector(cfg, fps: float) -> ShotDetector:
     sp = cfg.split
+    return ShotDetector(sp.detector, threshold=sp.threshold, adaptive_threshold=sp.adaptive_threshold,
+                        min_scene_frames=sp.min_scene_frames, transnet_threshold=sp.transnet_threshold,
+                        fps=fps)
 
-    # Pass 1: shot boundaries.
-    det = ShotDetector(sp.detector, threshold=sp.threshold, adaptive_threshold=sp.adaptive_threshold,
-                       min_scene_frames=sp.min_scene_frames, transnet_threshold=sp.transnet_threshold,
-                       fps=fps)
+
+def _detect_all(path: str, cfg, fps: float, a_size) -> tuple[int, list[int]]:
+    """A detection-only decode (detectors that only know the cuts at the end, e.g. TransNetV2)."""
+    det = _make_detector(cfg, fps)
     n = 0
     for frame in _iter_frames(path):
         det.push(detection_frame(frame, a_size))
         n += 1
+    return n, det.finish()
+
+
+def _cut_and_score(path: str, pr: ProbeResult, item, cfg, res: InputResult) -> None:
+    """One decode of the video feeds shot detection, the window planner, the cheap filters and
+    the clip encoders (a second, detection-only decode only for detectors without a fixed lag)."""
+    fps = pr.fps
+    a_size = analysis_size(pr.width, pr.height, cfg.split.analysis_size)
+    det = _make_detector(cfg, fps)
+    if det.lag is not None:
+        try:
+            out = _single_pass(path, pr, item, cfg, det=det, cuts=None, a_size=a_size)
+        except LateCut:  # a detector reported a cut later than its stated lag: plan from all cuts
+            out = None
+    else:
+        out = None
+    if out is None:
+        n, cuts = _detect_all(path, cfg, fps, a_size)
+        if n == 0:
+            raise Rejected("zero_duration", "no decodable frames")
+        out = _single_pass(path, pr, item, cfg, det=None, cuts=cuts, a_size=a_size)
+    clips, rejections, entered = out
+    res.clips.extend(clips)
+    res.rejections.extend(rejections)
+    res.entered.update(entered)
+
+
+def _single_pass(path: str, pr: ProbeResult, item, cfg, *, det: Optional[ShotDetector],
+                 cuts: Optional[list[int]], a_size) -> tuple[list, list, dict]:
+    fps = pr.fps
+    cc, f = cfg.clip, cfg.filters
+    planner = WindowPlanner(fps, min_duration=cc.min_duration, max_duration=cc.max_duration, margin=cc.margin)
+    if cuts is not None:
+        planner.add_cuts(cuts)
+    lookahead = planner.m + (det.lag if det is not None else 0)
+    # Rules that do not depend on the window (resolution, fps, aspect): when they fail, every
+    # window is rejected without decoding work beyond shot detection.
+    try:
+        filters.rules(min(max(cc.max_duration, f.min_duration), f.max_duration), pr.width, pr.height, fps, f)
+        source_err = None
+    except Rejected as err:
+        source_err = err if err.reason != "duration" else None
+    out_size = even_size(pr.width, pr.height, cc.max_size)
+    codec = pick_h264_encoder(cc.codec) if source_err is None else None
+    # A scratch InputResult collects clips and rejections (discarded if the pass is redone).
+    res = InputResult(source_id=item.source_id, uri=item.uri)
+    state = {"cur": None, "idx": 0, "windows": 0, "dropped": 0}
+
+    def handle(events, frames_by_index):
+        for ev in events:
+            kind = ev[0]
+            if kind == "open":
+                state["cur"] = (_WindowWork(ev[1], fps, cfg, pr, item, a_size, out_size, codec,
+                                            planner.max_frames, planner.min_frames)
+                                if source_err is None else None)
+            elif kind == "frame":
+                if state["cur"] is not None:
+                    state["cur"].add(ev[1], frames_by_index(ev[1]))
+            elif kind == "close":
+                s, e = ev[1], ev[2]
+                idx = state["idx"]
+                state["idx"] += 1
+                state["windows"] += 1
+                work, state["cur"] = state["cur"], None
+                err = source_err
+                if err is None:
+                    try:
+                        filters.rules((e - s) / fps, pr.width, pr.height, fps, f)
+                    except Rejected as exc:
+                        err = exc
+                if err is not None:
+                    if work is not None:
+                        work.abort()
+                    res.reject("filter", err, clip=idx, start=s / fps, end=e / fps)
+                else:
+                    work.finish(idx, e, res)
+            elif kind == "drop":
+                s, e, reason = ev[1], ev[2], ev[3]
+                if state["cur"] is not None:
+                    state["cur"].abort()
+                    state["cur"] = None
+                state["dropped"] += 1
+                what = "shot" if reason == "shot_too_short" else "last piece of a split shot"
+                res.reject("clip", Rejected(reason, f"{what}: {(e - s) / fps:.2f}s < {cc.min_duration}s"),
+                           start=s / fps, end=e / fps)
+
+    buf: deque = deque()
+    n = 0
+    for frame in _iter_frames(path):
+        if det is not None:
+            planner.add_cuts(det.push(detection_frame(frame, a_size)))
+        buf.append((n, frame))
+        n += 1
+        while buf and buf[0][0] <= n - 1 - lookahead:
+            j, fr = buf.popleft()
+            handle(planner.step(j), lambda _j, fr=fr: fr)
     if n == 0:
         raise Rejected("zero_duration", "no decodable frames")
-    cuts = det.finish()
-    cc = cfg.clip
-    windows, dropped = plan_windows(n, cuts, fps, min_duration=cc.min_duration,
-                                    max_duration=cc.max_duration, margin=cc.margin)
-    res.entered["split"] = 1
-    res.entered["clip"] = len(windows) + len(dropped)
-    for s, e in dropped:
-        res.reject("clip", Rejected("shot_too_short", f"{(e - s) / fps:.2f}s < {cc.min_duration}s"),
-                   start=s / fps, end=e / fps)
-    if not windows:
-        return
-
-    # Rules are known before decoding.
-    f = cfg.filters
-    plans = []
-    res.entered["filter"] = len(windows)
-    for idx, (s, e) in enumerate(windows):
-        try:
-            filters.rules((e - s) / fps, pr.width, pr.height, fps, f)
-        except Rejected as err:
-            res.reject("filter", err, clip=idx, start=s / fps, end=e / fps)
-            continue
-        plans.append(_WindowWork(idx, s, e, fps, cfg, pr, item))
-    if not plans:
-        return
-
-    # Pass 2: one sequential decode feeds every window in turn.
-    out_size = even_size(pr.width, pr.height, cc.max_size)
-    codec = pick_h264_encoder(cc.codec)
-    it = iter(plans)
-    cur = next(it, None)
-    for i, frame in enumerate(_iter_frames(path)):
-        while cur is not None and i >= cur.end:
-            cur.finish(res)
-            cur = next(it, None)
-        if cur is None:
-            break
-        if i >= cur.start:
-            cur.add(i, frame, a_size, out_size, codec)
-    while cur is not None:
-        cur.finish(res)
-        cur = next(it, None)
+    if det is not None:
+        planner.add_cuts(det.finish())
+    while buf:
+        j, fr = buf.popleft()
+        handle(planner.step(j), lambda _j, fr=fr: fr)
+    handle(planner.end(n), None)
+    entered = {"split": 1, "clip": state["windows"] + state["dropped"]}
+    if state["windows"]:
+        entered["filter"] = state["windows"]
+    return res.clips, res.rejections, entered
 
 
 class _WindowWork:
-    """One clip window being decoded: encoder, sampled frames, scores."""
+    """One clip window being decoded: encoder, analysis frames, scores.
 
-    def __init__(self, idx: int, start: int, end: int, fps: float, cfg, pr: ProbeResult, item):
-        self.idx, self.start, self.end, self.fps = idx, start, end, fps
+    The window's length is only known when it closes, so analysis frames are kept on a grid:
+    every ``g``-th frame from the start (and the frame after every other one, for optical-flow pairs), with
+    ``g = max_frames // 24`` (every frame for short windows); the sampled frames are then the grid
+    frames nearest to evenly spread positions. Frames are held (scaled to the clip size) until
+    the window is known to be at least ``min_frames`` long, so dropped shots are never encoded.
+    """
+
+    def __init__(self, start: int, fps: float, cfg, pr: ProbeResult, item, a_size, out_size, codec,
+                 max_frames: int, min_frames: int):
+        self.start, self.fps = start, fps
         self.cfg, self.pr, self.item = cfg, pr, item
-        f = cfg.filters
-        n = end - start
-        k = f.frames_per_clip
-        self.sample_at = {start + min(n - 1, int((j + 0.5) * n / k)) for j in range(k)}
-        m = f.motion_frames
-        self.pair_at = {start + min(n - 2, int((j + 0.5) * (n - 1) / m)) for j in range(m)} if n >= 2 else set()
-        self.gray: dict[int, np.ndarray] = {}
-        self.rgb: dict[int, np.ndarray] = {}
+        self.a_size, self.out_size, self.codec = a_size, out_size, codec
+        self.min_frames = min_frames
+        self.g = max(1, max_frames // 24)
+        self.small: dict[int, Any] = {}   # frame index → analysis-size yuv420p VideoFrame
+        self.n = 0
         self.encoder = None
+        self.pending: list = []           # (VideoFrame at clip size, repeats) before min_frames
         self.out_frames = 0
         self.out_rate = (Fraction(cfg.clip.fps).limit_denominator(1001) if cfg.clip.fps
                          else Fraction(pr.fps_num, pr.fps_den))
+        self.interp = cfg.clip.scaler.upper()
 
     # -- streaming
-    def add(self, i: int, frame, a_size, out_size, codec) -> None:
-        need_gray = i in self.sample_at or i in self.pair_at or (i - 1) in self.pair_at
-        if need_gray or i in self.sample_at:
-            rgb = frame.to_ndarray(width=a_size[0], height=a_size[1], format="rgb24", interpolation="AREA")
-            self.gray[i] = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-            if i in self.sample_at:
-                self.rgb[i] = rgb
-        if self.encoder is None:
-            self.encoder = _ClipEncoder(codec, self.out_rate, out_size, self.cfg.clip)
+    def add(self, i: int, frame) -> None:
+        off = i - self.start
+        self.n += 1
         # Frame-rate conversion by nearest frame: emit output frames whose time falls in this frame.
-        t_rel = (i - self.start + 1) / self.fps
-        while self.out_frames / float(self.out_rate) < t_rel - 1e-9:
-            self.encoder.add(frame)
-            self.out_frames += 1
+        t_rel = (off + 1) / self.fps
+        reps = 0
+        while (self.out_frames + reps) / float(self.out_rate) < t_rel - 1e-9:
+            reps += 1
+        vf = None
+        if reps:
+            if (frame.width, frame.height) == self.out_size and frame.format.name == "yuv420p":
+                vf = frame
+            else:
+                vf = frame.reformat(width=self.out_size[0], height=self.out_size[1], format="yuv420p",
+                                    interpolation=self.interp)
+        if self.g == 1 or off % self.g == 0 or off % (2 * self.g) == 1:
+            # analysis copy: from the (smaller) clip-size frame when there is one
+            src = vf if vf is not None and vf.width >= self.a_size[0] else frame
+            self.small[i] = src.reformat(width=self.a_size[0], height=self.a_size[1], format="yuv420p",
+                                         interpolation="AREA")
+        if reps == 0:
+            return
+        self.out_frames += reps
+        if self.encoder is None and self.n < self.min_frames:
+            self.pending.append((vf, reps))
+            return
+        self._encode_pending()
+        for _ in range(reps):
+            self.encoder.add(vf)
 
-    def finish(self, res: InputResult) -> None:
+    def _encode_pending(self) -> None:
+        if self.encoder is None:
+            self.encoder = _ClipEncoder(self.codec, self.out_rate, self.out_size, self.cfg.clip)
+        for vf, reps in self.pending:
+            for _ in range(reps):
+                self.encoder.add(vf)
+        self.pending.clear()
+
+    def abort(self) -> None:
+        self.pending.clear()
+        self.small.clear()
+        if self.encoder is not None:
+            self.encoder.abort()
+
+    def _pick(self, ideal: list[int], candidates: list[int]) -> list[int]:
+        return sorted({min(candidates, key=lambda c: (abs(c - p), c)) for p in ideal}) if candidates else []
+
+    def finish(self, idx: int, end: int, res: InputResult) -> None:
         f, cfg = self.cfg.filters, self.cfg
-        s_sec, e_sec = self.start / self.fps, self.end / self.fps
+        start = self.start
+        s_sec, e_sec = start / self.fps, end / self.fps
+        n = end - start
+        k, m = f.frames_per_clip, f.motion_frames
+        grid = [i for i in sorted(self.small) if (i - start) % self.g == 0]
+        sample_at = self._pick([start + min(n - 1, int((j + 0.5) * n / k)) for j in range(k)], grid)
+        pair_grid = [i for i in grid if i + 1 in self.small]
+        pair_at = (self._pick([start + min(n - 2, int((j + 0.5) * (n - 1) / m)) for j in range(m)], pair_grid)
+                   if n >= 2 else [])
+        rgb: dict[int, np.ndarray] = {}
+        gray: dict[int, np.ndarray] = {}
+
+        def g_of(i):
+            if i not in gray:
+                if i not in rgb:
+                    rgb[i] = self.small[i].to_ndarray(format="rgb24")
+                gray[i] = cv2.cvtColor(rgb[i], cv2.COLOR_RGB2GRAY)
+            return gray[i]
+
         scores: dict[str, float] = {}
         try:
-            if not self.gray:
+            if not self.small:
                 raise Rejected("decode_error", "no frames decoded in the window")
-            sampled = [self.gray[i] for i in sorted(self.sample_at) if i in self.gray]
-            scores["sharpness"] = round(filters.sharpness(sampled), 4)
+            scores["sharpness"] = round(filters.sharpness([g_of(i) for i in sample_at]), 4)
             if f.blur:
                 filters.check("blur", scores["sharpness"], f.min_sharpness)
-            pairs = [(self.gray[i], self.gray[i + 1]) for i in sorted(self.pair_at)
-                     if i in self.gray and i + 1 in self.gray]
+            pairs = [(g_of(i), g_of(i + 1)) for i in pair_at]
             scores["motion"] = round(filters.motion(pairs, 1.0 / self.fps), 6)
             if f.motion:
                 filters.check("motion", scores["motion"], f.min_motion, f.max_motion)
         except Rejected as err:
-            if self.encoder is not None:
-                self.encoder.abort()
-            res.reject("filter", err, clip=self.idx, start=s_sec, end=e_sec)
+            self.abort()
+            res.reject("filter", err, clip=idx, start=s_sec, end=e_sec)
             return
+        self._encode_pending()
         mp4 = self.encoder.close()
         out_w, out_h = self.encoder.size
-        frames_jpeg = [cv2.imencode(".jpg", cv2.cvtColor(self.rgb[i], cv2.COLOR_RGB2BGR),
+        frames_jpeg = [cv2.imencode(".jpg", cv2.cvtColor(rgb[i], cv2.COLOR_RGB2BGR),
                                     [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
-                       for i in sorted(self.rgb)]
-        hashes = [h for i in sorted(self.rgb) for h in filters.phash_rgb(self.rgb[i])]
+                       for i in sample_at]
+        hashes = [h for i in sample_at for h in filters.phash_rgb(rgb[i])]
+        self.small.clear()
         meta = {
-            "source_uri": self.item.uri, "source_id": self.item.source_id, "clip": self.idx,
+            "source_uri": self.item.uri, "source_id": self.item.source_id, "clip": idx,
             "start": round(s_sec, 4), "end": round(e_sec, 4),
             "fps": round(float(self.out_rate), 6), "width": out_w, "height": out_h,
             "num_frames": self.out_frames,
@@ -251,7 +374,7 @@ class _WindowWork:
             "scores": scores,
             "camera_motion": describe_motion(scores["motion"]),
         }
-        res.clips.append(Clip(clip=self.idx, start=s_sec, end=e_sec, meta=meta, mp4=mp4,
+        res.clips.append(Clip(clip=idx, start=s_sec, end=e_sec, meta=meta, mp4=mp4,
                               frames=frames_jpeg, phash=hashes))
 
 
@@ -288,9 +411,9 @@ class _ClipEncoder:
     def add(self, frame) -> None:
         if (frame.width, frame.height) == self.size and frame.format.name == "yuv420p":
             vf = frame
-            vf.pict_type = 0  # AV_PICTURE_TYPE_NONE: let x264 choose frame types, not the source's
         else:
             vf = frame.reformat(width=self.size[0], height=self.size[1], format="yuv420p")
+        vf.pict_type = 0  # AV_PICTURE_TYPE_NONE: let x264 choose frame types, not the source's
         vf.pts = self.n
         vf.time_base = Fraction(1) / self.rate
         for p in self.stream.encode(vf):

@@ -1,7 +1,9 @@
 """Shot split: cut frames of a video, from PySceneDetect (content / adaptive) or TransNetV2.
 
-The detectors are fed frames we decode ourselves (RGB at analysis size), so a video is decoded
-once for detection whatever the detector.
+The detectors are fed frames we decode ourselves (small RGB copies), so one decode of a video
+feeds detection, the cheap filters and the clip encoder whatever the detector. The content and
+adaptive detectors report a cut a fixed number of frames after it happens (:attr:`ShotDetector.lag`:
+0 and ``window_width``), which is what lets :class:`WindowPlanner` cut clips while decoding.
 """
 
 from __future__ import annotations
@@ -18,17 +20,29 @@ class ShotDetector:
                  min_scene_frames: int = 8, transnet_threshold: float = 0.5, fps: float = 25.0):
         self.kind = kind
         self.fps = float(fps)
+        # Frames between a cut and the push() that reports it; None = only finish() knows the cuts.
+        self.lag: "int | None" = 0 if kind == "none" else None
         self.cuts: list[int] = []
         self.n = 0
         self._frames: list[np.ndarray] = []
         if kind == "content":
             from scenedetect.detectors import ContentDetector
 
-            self._det = ContentDetector(threshold=threshold, min_scene_len=min_scene_frames)
+            # SUPPRESS reports a cut on the frame it happens (MERGE may hold it back for many
+            # frames); both drop cuts closer than `min_scene_frames` to the previous one.
+            try:
+                from scenedetect.detector import FlashFilter
+
+                self._det = ContentDetector(threshold=threshold, min_scene_len=min_scene_frames,
+                                            filter_mode=FlashFilter.Mode.SUPPRESS)
+                self.lag = 0
+            except (ImportError, TypeError, AttributeError):  # older PySceneDetect: lag unknown
+                self._det = ContentDetector(threshold=threshold, min_scene_len=min_scene_frames)
         elif kind == "adaptive":
             from scenedetect.detectors import AdaptiveDetector
 
             self._det = AdaptiveDetector(adaptive_threshold=adaptive_threshold, min_scene_len=min_scene_frames)
+            self.lag = int(getattr(self._det, "window_width", 2))
         elif kind == "transnetv2":
             try:
                 import transnetv2  # noqa: F401
@@ -43,15 +57,19 @@ class ShotDetector:
         self._threshold = transnet_threshold
         self._min = min_scene_frames
 
-    def push(self, rgb: np.ndarray) -> None:
+    def push(self, rgb: np.ndarray) -> list[int]:
+        """Feed the next frame; returns the cuts reported by this frame (maybe none)."""
+        new: list[int] = []
         if self.kind in ("content", "adaptive"):
             bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-            self.cuts.extend(_as_frame_numbers(self._det.process_frame(self._timecode(self.n), bgr)))
+            new = [c for c in _as_frame_numbers(self._det.process_frame(self._timecode(self.n), bgr)) if c > 0]
+            self.cuts.extend(new)
         elif self.kind == "transnetv2":
             import cv2
 
             self._frames.append(cv2.resize(rgb, (48, 27), interpolation=cv2.INTER_AREA))
         self.n += 1
+        return new
 
     def _timecode(self, n: int):
         try:
@@ -95,27 +113,95 @@ def _transnet_cuts(frames: np.ndarray, threshold: float, min_frames: int) -> lis
     return cuts
 
 
-def plan_windows(num_frames: int, cuts: list[int], fps: float, *, min_duration: float,
-                 max_duration: float, margin: float) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Clip windows ``[start, end)`` in frames, and the shots dropped as too short.
+class LateCut(Exception):
+    """A cut arrived after frames it should have excluded were already planned."""
 
-    Shots are cut at ``cuts``; ``margin`` seconds are trimmed on each side of a cut (not at the
-    start and end of the video); a shot shorter than ``min_duration`` after trimming is dropped; a
-    longer one than ``max_duration`` is split into equal windows of at most ``max_duration``.
+
+class WindowPlanner:
+    """Streaming clip windows: feed frame indices in order with :meth:`step`, cuts with :meth:`add_cuts`.
+
+    ``margin`` seconds are trimmed on each side of a cut (not at the start and end of the video);
+    windows are cut greedily: a window closes when it reaches ``max_duration`` and the next one
+    starts on the following frame. A shot whose usable frames are fewer than ``min_duration``
+    is dropped (``shot_too_short``), and so is the last, shorter piece of a long shot
+    (``tail_too_short``). Before ``step(j)`` every cut at or before ``j + margin`` must be known
+    (the caller keeps that many frames of lookahead plus the detector's lag); otherwise
+    :class:`LateCut` is raised.
+
+    Events returned by :meth:`step` / :meth:`end`: ``("open", j)`` a window starts at frame j;
+    ``("frame", j)`` frame j belongs to the open window; ``("close", s, e)`` the window
+    ``[s, e)`` is complete; ``("drop", s, e, reason)`` the open window (if any) is abandoned and
+    ``[s, e)`` is reported as dropped.
     """
-    bounds = [0, *cuts, num_frames]
-    m = int(round(margin * fps))
+
+    def __init__(self, fps: float, *, min_duration: float, max_duration: float, margin: float):
+        self.m = int(round(margin * fps))
+        self.min_frames = max(1, int(np.ceil(min_duration * fps - 1e-6)))
+        self.max_frames = max(1, int(np.floor(max_duration * fps + 1e-6)))
+        self.cuts: list[int] = []
+        self._ci = 0           # index in self.cuts of the next cut after the current shot's start
+        self._last = -1        # last frame stepped
+        self.shot_b = 0
+        self.shot_windows = 0  # windows kept in the current shot
+        self.cur: "list[int] | None" = None
+
+    def add_cuts(self, cuts: Iterable[int]) -> None:
+        for c in sorted(set(int(c) for c in cuts)):
+            if c <= 0 or (self.cuts and c <= self.cuts[-1]) or c <= self.shot_b:
+                continue  # already known (finish() repeats them)
+            if c <= self._last + self.m:
+                raise LateCut(f"cut at frame {c} reported after frame {self._last} was planned")
+            self.cuts.append(c)
+
+    def step(self, j: int) -> list[tuple]:
+        self._last = j
+        ev: list[tuple] = []
+        if self._ci < len(self.cuts) and self.cuts[self._ci] == j:
+            ev += self._end_shot(j)
+            self.shot_b, self.shot_windows = j, 0
+            self._ci += 1
+        nxt = self.cuts[self._ci] if self._ci < len(self.cuts) else None
+        usable = (self.shot_b == 0 or j >= self.shot_b + self.m) and (nxt is None or j < nxt - self.m)
+        if usable:
+            if self.cur is None:
+                self.cur = [j, j]
+                ev.append(("open", j))
+            self.cur[1] = j + 1
+            ev.append(("frame", j))
+            if self.cur[1] - self.cur[0] >= self.max_frames:
+                ev.append(("close", self.cur[0], self.cur[1]))
+                self.shot_windows += 1
+                self.cur = None
+        return ev
+
+    def end(self, num_frames: int) -> list[tuple]:
+        return self._end_shot(num_frames)
+
+    def _end_shot(self, c: int) -> list[tuple]:
+        cur, self.cur = self.cur, None
+        if cur is not None and cur[1] - cur[0] >= self.min_frames:
+            self.shot_windows += 1
+            return [("close", cur[0], cur[1])]
+        if self.shot_windows == 0:
+            return [("drop", self.shot_b, c, "shot_too_short")]
+        if cur is not None:
+            return [("drop", cur[0], cur[1], "tail_too_short")]
+        return []
+
+
+def plan_windows(num_frames: int, cuts: list[int], fps: float, *, min_duration: float,
+                 max_duration: float, margin: float) -> tuple[list[tuple[int, int]], list[tuple[int, int, str]]]:
+    """Clip windows ``[start, end)`` in frames, and the dropped spans ``(start, end, reason)``.
+
+    The offline form of :class:`WindowPlanner` (same windows as the streaming pass).
+    """
+    wp = WindowPlanner(fps, min_duration=min_duration, max_duration=max_duration, margin=margin)
+    wp.add_cuts(cuts)
     windows, dropped = [], []
-    for i in range(len(bounds) - 1):
-        s, e = bounds[i], bounds[i + 1]
-        if i > 0:
-            s += m
-        if i < len(bounds) - 2:
-            e -= m
-        if e - s < max(1, int(np.ceil(min_duration * fps - 1e-6))):
-            dropped.append((bounds[i], bounds[i + 1]))
-            continue
-        n = int(np.ceil((e - s) / (max_duration * fps) - 1e-9))
-        edges = [s + round(k * (e - s) / n) for k in range(n + 1)]
-        windows.extend((edges[k], edges[k + 1]) for k in range(n))
+    events = [e for j in range(num_frames) for e in wp.step(j)] + wp.end(num_frames)
+    for ev in events:
+        if ev[0] == "close":
+            windows.append((ev[1], ev[2]))
+        elif ev[0] == "drop":
+            dropped.append((ev[1], ev[2], ev[3]))
     return windows, dropped

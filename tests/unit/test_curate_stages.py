@@ -96,10 +96,29 @@ def test_plan_windows_margins_minimum_and_maximum():
     # 10 fps; cuts at 12 and 60; 100 frames.
     windows, dropped = plan_windows(100, [12, 60], 10.0, min_duration=1.5, max_duration=2.0, margin=0.2)
     # shot 0: [0, 12) → trim 2 at the cut → 10 frames = 1.0 s < 1.5 → dropped
-    assert dropped == [(0, 12)]
-    # shot 1: [14, 58) = 44 frames → 3 windows of ≤ 20; shot 2: [62, 100) = 38 → 2 windows of 19
-    assert windows == [(14, 29), (29, 43), (43, 58), (62, 81), (81, 100)]
-    assert all(e - s <= 20 for s, e in windows)
+    # shot 1: [14, 58) = 44 frames → greedy windows of 20: [14, 34), [34, 54), and the last
+    #         4 frames (0.4 s < 1.5) are dropped; shot 2: [62, 100) = 38 → 20 + 18
+    assert dropped == [(0, 12, "shot_too_short"), (54, 58, "tail_too_short")]
+    assert windows == [(14, 34), (34, 54), (62, 82), (82, 100)]
+    assert all(15 <= e - s <= 20 for s, e in windows)
+
+
+def test_window_planner_streams_the_same_windows_and_rejects_late_cuts():
+    from data_pipeline.stages.split import LateCut, WindowPlanner
+
+    wp = WindowPlanner(10.0, min_duration=1.5, max_duration=2.0, margin=0.2)
+    events = []
+    cuts = {12: [12], 60: [60]}
+    for j in range(100):
+        wp.add_cuts(cuts.get(j + wp.m, []))  # each cut known exactly `margin` frames ahead
+        events += wp.step(j)
+    events += wp.end(100)
+    assert [e[1:] for e in events if e[0] == "close"] == [(14, 34), (34, 54), (62, 82), (82, 100)]
+    wp = WindowPlanner(10.0, min_duration=1.5, max_duration=2.0, margin=0.2)
+    for j in range(20):
+        wp.step(j)
+    with pytest.raises(LateCut):
+        wp.add_cuts([20])
 
 
 def test_process_video_cuts_scores_and_encodes(corpus):
