@@ -84,13 +84,24 @@ def wait_done(cluster, job_id: int, log_dir: Path, timeout: float = 300) -> dict
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted 2-process local run (`vchitect launch --nproc 2 train …`)."""
+    """The uninterrupted 2-process local run (`vchitect launch --nproc 2 train …`). It is started
+    in the background and ``reference()`` waits for it, so it overlaps with the first Slurm job."""
     tmp = tmp_path_factory.mktemp("local")
     cfg = write_config(tmp / "run.yaml", tmp / "run")
-    r = subprocess.run([*VCHITECT, "launch", "--nproc", "2", "train", str(cfg)], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return tmp / "run"
+    log = open(tmp / "launch.log", "w")
+    proc = subprocess.Popen([*VCHITECT, "launch", "--nproc", "2", "train", str(cfg)], stdout=log,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO)
+
+    def wait() -> Path:
+        rc = proc.wait(timeout=400)
+        assert rc == 0, (tmp / "launch.log").read_text()[-4000:]
+        return tmp / "run"
+
+    yield wait
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    log.close()
 
 
 def assert_same_model(a: Path, b: Path) -> None:
@@ -104,6 +115,7 @@ def test_two_node_training_job_equals_a_local_two_process_run(slurm_cluster, ref
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", run)
     job = submit(slurm_cluster, "train", str(cfg), "--nodes", "2", "--gpus-per-node", "0", "--time", "10:00")
+    ref = reference()  # the local run, meanwhile
     info = wait_done(slurm_cluster, job, run / "slurm")
     logs = job_logs(run / "slurm")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs
@@ -112,8 +124,8 @@ def test_two_node_training_job_equals_a_local_two_process_run(slurm_cluster, ref
     names = sorted(p.name for p in (run / "slurm" / str(job) / "restart-0").glob("node-*.out"))
     assert names == ["node-0.out", "node-1.out"], logs
     assert "training finished" in (run / "slurm" / f"vchitect-train-{job}.out").read_text()
-    assert losses(run) == losses(reference)  # bitwise: floats compare exactly
-    assert_same_model(run / "checkpoints" / f"step-{STEPS:09d}", reference / "checkpoints" / f"step-{STEPS:09d}")
+    assert losses(run) == losses(ref)  # bitwise: floats compare exactly
+    assert_same_model(run / "checkpoints" / f"step-{STEPS:09d}", ref / "checkpoints" / f"step-{STEPS:09d}")
 
 
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_cluster, reference, tmp_path):
@@ -132,6 +144,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_cluster,
     # The requeued job waits out the cluster's short requeue delay (cred_expire=5 s in the test
     # slurm.conf; 120 s by default), then runs again with SLURM_RESTART_COUNT=1.
     info = wait_done(slurm_cluster, job, run / "slurm", timeout=400)
+    ref = reference()
     logs = job_logs(run / "slurm")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs
     assert info["Restarts"] == "1", logs
@@ -148,8 +161,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_cluster,
     assert f"resumed from {run / 'checkpoints' / f'step-{stopped:09d}'}" in second, logs
 
     assert find_latest(run / "checkpoints").name == f"step-{STEPS:09d}"
-    assert losses(run) == losses(reference)
-    assert_same_model(run / "checkpoints" / f"step-{STEPS:09d}", reference / "checkpoints" / f"step-{STEPS:09d}")
+    assert losses(run) == losses(ref)
+    assert_same_model(run / "checkpoints" / f"step-{STEPS:09d}", ref / "checkpoints" / f"step-{STEPS:09d}")
 
 
 # ----------------------------------------------------------------------------- curation on Ray
@@ -165,16 +178,15 @@ def test_curation_job_on_a_two_node_ray_cluster_writes_the_same_shards(slurm_clu
     subprocess.run([sys.executable, "-m", "data_pipeline.cli", "synth", str(raw), "--n", "2", "--no-defects"],
                    check=True, capture_output=True, cwd=REPO, timeout=300)
     config = str(REPO / "configs" / "curate" / "synthetic.yaml")
-    local = tmp_path / "local"
+    out, logs, local = tmp_path / "slurm-out", tmp_path / "logs", tmp_path / "local"
+    job = submit(slurm_cluster, "curate", config, f"input.path={raw}/manifest.jsonl", f"output.path={out}",
+                 "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-node", "2", "--time", "10:00",
+                 "--log-dir", str(logs))
+    # the local run (its own one-node Ray), while the job runs
     r = subprocess.run([sys.executable, "-m", "data_pipeline.cli", "run", config, f"input.path={raw}/manifest.jsonl",
                         f"output.path={local}", "--no-progress"], capture_output=True, text=True, cwd=REPO,
                        env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"), timeout=400)
     assert r.returncode == 0, r.stderr[-4000:]
-
-    out, logs = tmp_path / "slurm-out", tmp_path / "logs"
-    job = submit(slurm_cluster, "curate", config, f"input.path={raw}/manifest.jsonl", f"output.path={out}",
-                 "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-node", "2", "--time", "10:00",
-                 "--log-dir", str(logs))
     info = wait_done(slurm_cluster, job, logs, timeout=400)
     text = job_logs(logs)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
