@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_submit.add_argument("--job-name", default=None, help="job name (default vchitect-<kind>)")
     p_submit.add_argument("--signal-seconds", type=int, default=300,
                           help="seconds before the time limit at which Slurm sends USR1 (checkpoint + requeue)")
-    p_submit.add_argument("--log-dir", default=None, help="where job logs go (default: <output_dir>/slurm)")
+    p_submit.add_argument("--log-dir", default=None, help="where job logs go (default: train → <train.output_dir>/slurm; curate → ./slurm-logs)")
     p_submit.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH line, repeatable")
     p_submit.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     p_submit.set_defaults(func=cmd_submit)

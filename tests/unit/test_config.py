@@ -78,3 +78,9 @@ def test_credentials_are_never_printed():
     text = to_yaml(cfg)
     assert "AKIASECRETKEY" not in text and "hunter2" not in text and "<redacted>" in text
     assert cfg.data.s3.key == "AKIASECRETKEY"  # the run itself still has them
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 reads `3e-4` as a string; a float field still takes it.
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 3e-4\n")
+    assert load_config(tmp_path / "c.yaml", ["train.eps=1e-6"]).train.lr == 3e-4
