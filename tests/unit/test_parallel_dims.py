@@ -118,3 +118,13 @@ def test_single_process_fsdp_offload_and_checkpointing_match_plain():
                 torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-7, msg=n)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_seeds_differ_across_data_ranks_and_steps():
+    from types import SimpleNamespace
+
+    from vchitect.parallel import seed_for_rank
+
+    seeds = {seed_for_rank(0, SimpleNamespace(dp_rank=r), s) for r in range(16) for s in range(500)}
+    assert len(seeds) == 16 * 500 and all(0 <= x < 2**63 for x in seeds)
+    assert seed_for_rank(5, SimpleNamespace(dp_rank=3), 7) == seed_for_rank(5, SimpleNamespace(dp_rank=3), 7)

@@ -94,8 +94,14 @@ def data_parallel_slice(batch_size: int, dims: ParallelDims) -> slice:
 
 
 def seed_for_rank(seed: int, dims: ParallelDims, step: int = 0) -> int:
-    """A seed equal across an SP/TP group and different across data-parallel groups and steps."""
-    return (seed * 1_000_003 + dims.dp_rank * 10_007 + step) % (2**63 - 1)
+    """A seed equal across an SP/TP group and different across data-parallel groups and steps.
+
+    (seed, data-parallel rank, step) are hashed together (NumPy's SeedSequence), so that no two
+    (rank, step) pairs share a stream, as a linear combination would at some step offset."""
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, dims.dp_rank, step]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
 
 
 def generator_for_rank(seed: int, dims: ParallelDims, step: int = 0, device="cpu") -> torch.Generator:
