@@ -39,10 +39,10 @@ class DemoSettings:
     out: Path
     videos: int = 48              # clean multi-shot videos (3 shots each) → ≈ 147 curated clips
     shots: int = 3
-    steps: int = 1200             # optimizer steps (batch 32 over 2 ranks)
+    steps: int = 600              # optimizer steps (batch 32 over 2 ranks): ≈ 8 min uncontended
     sample_steps: int = 25        # Euler steps per sample
     guidance: float = 4.0
-    eval_seeds: int = 2           # samples per (colour, shape, direction) prompt of the probe
+    eval_seeds: int = 1           # samples per (colour, shape, direction) prompt of the probe
     seed: int = 0
     quick: bool = False
     overrides: list[str] = field(default_factory=list)
