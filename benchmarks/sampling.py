@@ -38,13 +38,15 @@ DEFAULT_LATENT = {"tiny": "8x16x16", "demo": "16x16x16", "2b": "16x54x96", "8b":
 TEXT_LEN = {"tiny": 8, "demo": 16, "2b": 333, "8b": 333}
 SETTINGS = {
     "uncached": None,
-    "attention only (from 30%, every 2nd)": dict(cfg=False),
-    "CFG-Cache only (from 30%, every 3rd)": dict(attention=False),
-    "FasterCache default": dict(),
-    "FasterCache, no extrapolation": dict(weight_end=0.0),
-    "FasterCache, CFG boosts 0.2": dict(low_boost=0.2, high_boost=0.2),
-    "FasterCache aggressive (attn every 3rd, cfg every 5th, from 20%)":
-        dict(attention_start=0.2, attention_interval=3, cfg_start=0.2, cfg_interval=5),
+    "attention reuse only (every 3rd step from 20%)": dict(cfg=False),
+    "CFG-Cache only (every 3rd step from 20%)": dict(attention=False),
+    "FasterCache default (both every 3rd step from 20%)": dict(),
+    "default without extrapolation (w = 0)": dict(weight_end=0.0),
+    "default + CFG band boosts 0.2": dict(low_boost=0.2, high_boost=0.2),
+    "misaligned (attention every 2nd, CFG every 3rd, from 30%)":
+        dict(attention_interval=2, attention_start=0.3, cfg_start=0.3),
+    "fast (both every 3rd step from 10%)": dict(attention_start=0.1, cfg_start=0.1),
+    "aggressive (attention every 3rd, CFG every 5th, from 20%)": dict(cfg_interval=5),
 }
 
 
@@ -131,6 +133,8 @@ def main() -> int:
     ap.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     ap.add_argument("--ckpt", default=None, help="use trained weights from this checkpoint")
     ap.add_argument("--latent", default=None, help="FxHxW latent shape (default per preset)")
+    ap.add_argument("--prompt", default="a red ball moves to the right",
+                    help="with --ckpt and a recorded text encoder: the prompt (negative = empty prompt)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance-scale", type=float, default=6.0)
     ap.add_argument("--shift", type=float, default=3.0)
@@ -167,6 +171,19 @@ def main() -> int:
     uncond = TextCondition(torch.zeros(1, L, c.joint_attention_dim, device=args.device),
                            torch.zeros(1, c.pooled_projection_dim, device=args.device),
                            torch.arange(L, device=args.device)[None] < 1)
+    text_source = "random text embeddings"
+    if args.ckpt:  # the run's own text encoder, when it recorded one: the prompt and the empty prompt
+        from vchitect.export.export import find_checkpoint, read_meta
+        from vchitect.models.encoders import load_text_encoder
+
+        run_cfg = read_meta(find_checkpoint(args.ckpt))["config"]
+        enc = (run_cfg.get("data") or {}).get("encoders") or {}
+        if enc.get("text_encoder_path") and Path(enc["text_encoder_path"]).is_dir():
+            te = load_text_encoder(enc["text_encoder_path"], enc.get("text_encoder_kind", "t5"),
+                                   int(run_cfg["data"]["text"]["max_length"]), device=args.device)
+            cond, uncond = (TextCondition(h.float(), p.float(), m) for h, m, p in
+                            (te.encode([args.prompt]), te.encode([""])))
+            text_source = f"prompt {args.prompt!r}"
     sigmas = flow_sigmas(args.steps, args.shift)
 
     def sync():
@@ -184,7 +201,7 @@ def main() -> int:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{'model of checkpoint ' + args.ckpt if args.ckpt else args.preset + ' model (random weights)'}, latent "
           f"{c.in_channels}×{F}×{H}×{W}, {args.steps} steps, CFG {args.guidance_scale}, {args.dtype}, {device_name}, "
-          f"{clock} time")
+          f"{clock} time, {text_source}")
     run(None)  # warm-up
     names = [n for n, st in SETTINGS.items() if st is None or not args.only or n in args.only]
     times = {n: [] for n in names}

@@ -23,6 +23,11 @@ extrapolation). Conditional and unconditional rows keep separate histories.
 
 stressing the low-frequency difference early (layout) and the high-frequency one late (detail).
 
+Defaults (benchmarks/RESULTS.md): both caches from 20 % of the steps, refreshed together every 3rd
+step. Aligned refreshes matter: at every full CFG step both branches' attention is computed
+fresh, so the stored CFG residual is exact; with attention every 2nd and CFG every 3rd step the
+same FLOPs cost 7–9 dB of PSNR on the trained demo model.
+
 Cost: attention histories hold two outputs per block and per role (the activations of two
 forward passes); counters of computed and reused work are left in ``FasterCacheConfig.stats``.
 """
@@ -38,11 +43,11 @@ import torch
 
 @dataclass
 class FasterCacheConfig:
-    attention_start: float = 0.3  # fraction of the steps before attention reuse may start
-    attention_interval: int = 2  # from the start on, compute attention every this many steps
+    attention_start: float = 0.2  # fraction of the steps before attention reuse may start
+    attention_interval: int = 3  # from the start on, compute attention every this many steps
     weight_start: float = 0.0  # extrapolation weight w at the first step …
     weight_end: float = 1.0  # … growing linearly to this at the last
-    cfg_start: float = 0.3  # fraction of the steps before the unconditional pass may be skipped
+    cfg_start: float = 0.2  # fraction of the steps before the unconditional pass may be skipped
     cfg_interval: int = 3  # from the start on, run the unconditional pass every this many steps
     cfg_freq_cutoff: float = 0.25  # low/high split of the CFG residual (normalised radius, 1 = Nyquist)
     low_boost: float = 0.0  # extra weight of the low-frequency residual early in sampling
