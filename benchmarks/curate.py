@@ -7,8 +7,9 @@ corpus of 1280×720 @ 30 fps clips with a panning textured background and hard c
 real footage in decode/encode cost), or your own videos with --videos DIR.
 
 Measured in this process, one input at a time, as CPU time (`time.process_time`, all threads):
-  - cpu stages:  probe → shot split (PySceneDetect content) → clip windows → rules, blur, motion,
-                 perceptual hash → H.264 encode of every kept clip (`stages.clip.process_video`)
+  - cpu stages:  probe → one decode feeding shot split (PySceneDetect content), clip windows,
+                 rules, blur, motion, perceptual hash and the H.264 encode of every kept clip
+                 (`stages.clip.process_video`)
   - + models:    the same plus the OCR and NSFW model filters (onnxruntime, CPU)
   - decode:      PyAV decode of every frame of the same files, nothing else
 and prints source-seconds per CPU-second for each and the ratio cpu-stages / decode (target ≥ 0.5:
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--videos", default=None, help="benchmark these videos instead")
     ap.add_argument("--repeats", type=int, default=2, help="best of this many rounds")
     ap.add_argument("--max-size", type=int, default=None, help="clip.max_size (output long side)")
-    ap.add_argument("--preset", default=None, help="clip.preset (libx264)")
+    ap.add_argument("--preset", default=None, help="clip.preset (libx264; default: the config's)")
+    ap.add_argument("--scaler", default=None, help="clip.scaler (swscale filter; default: the config's)")
     ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
 
@@ -107,9 +109,11 @@ def main(argv=None) -> int:
         extra.append(f"clip.max_size={args.max_size}")
     if args.preset:
         extra.append(f"clip.preset={args.preset}")
+    if args.scaler:
+        extra.append(f"clip.scaler={args.scaler}")
     cfg = load_curate_config(None, [f"input.path={folder}", f"output.path={tmp}/out",
                                     "clip.max_duration=3.0", "clip.min_duration=1.0", *extra])
-    corpus += f"; clips ≤{cfg.clip.max_size}px, libx264 {cfg.clip.preset} crf {cfg.clip.crf}"
+    corpus += f"; clips ≤{cfg.clip.max_size}px, libx264 {cfg.clip.preset} crf {cfg.clip.crf}, {cfg.clip.scaler} scaler"
     items = list_sources(folder, cfg.input.extensions)
     paths, seconds = [], 0.0
     for it in items:
@@ -146,14 +150,15 @@ def main(argv=None) -> int:
                  f"model filters: {ratio_models:.2f}. {len(paths)} files, {seconds:.1f} s of source, "
                  f"{kept} clips kept.")
     table = "\n".join(lines)
-    print(f"corpus: {corpus}\n{table}")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"corpus: {corpus}\nload average (1/5/15 min) after the run: {load}\n{table}")
     if not args.no_write:
         cmd = "python benchmarks/curate.py " + " ".join(sys.argv[1:] if argv is None else argv)
         cpu_name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
                         platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
         section = (f"\n### {datetime.date.today().isoformat()} — {corpus}\n\n"
                    f"Machine: {cpu_name}, {os.cpu_count()} cores, {platform.system()} "
-                   f"{platform.release()}; one process, single input at a time.\n"
+                   f"{platform.release()}; one process, single input at a time; load average {load}.\n"
                    f"Command: `{cmd.strip()}`\n\n{table}\n")
         path = os.path.join(os.path.dirname(__file__), "RESULTS.md")
         text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"

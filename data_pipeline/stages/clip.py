@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import av
 import cv2
+from av.video.reformatter import VideoReformatter
 import numpy as np
 
 from ..video import even_size, pick_h264_encoder
@@ -88,7 +89,7 @@ def process_video(local_path: str, item, cfg) -> InputResult:
 DETECT_SIZE = 128  # long side (px) of the frames the shot detector sees
 
 
-def detection_frame(frame, fallback_size: tuple[int, int]) -> np.ndarray:
+def detection_frame(frame, fallback_size: tuple[int, int], bgr: bool = False) -> np.ndarray:
     """A small RGB frame for shot detection, by striding the planes of a yuv420p frame.
 
     Hard cuts survive subsampling; skipping the scaler makes detection nearly free next to the
@@ -97,7 +98,7 @@ def detection_frame(frame, fallback_size: tuple[int, int]) -> np.ndarray:
     w, h = frame.width, frame.height
     k = max(1, max(w, h) // DETECT_SIZE)
     if frame.format.name not in ("yuv420p", "yuvj420p") or k < 2:
-        return frame.to_ndarray(width=fallback_size[0], height=fallback_size[1], format="rgb24")
+        return frame.to_ndarray(width=fallback_size[0], height=fallback_size[1], format="bgr24" if bgr else "rgb24")
     planes = []
     for idx, step in ((0, k), (1, k // 2), (2, k // 2)):
         p = frame.planes[idx]
@@ -109,7 +110,7 @@ def detection_frame(frame, fallback_size: tuple[int, int]) -> np.ndarray:
     if u.shape != y.shape or v.shape != y.shape:
         u = cv2.resize(np.ascontiguousarray(planes[1]), (y.shape[1], y.shape[0]), interpolation=cv2.INTER_NEAREST)
         v = cv2.resize(np.ascontiguousarray(planes[2]), (y.shape[1], y.shape[0]), interpolation=cv2.INTER_NEAREST)
-    return cv2.cvtColor(np.dstack([y, u, v]), cv2.COLOR_YUV2RGB)
+    return cv2.cvtColor(np.dstack([y, u, v]), cv2.COLOR_YUV2BGR if bgr else cv2.COLOR_YUV2RGB)
 
 
 def _iter_frames(path: str):
@@ -182,13 +183,14 @@ def _single_pass(path: str, pr: ProbeResult, item, cfg, *, det: Optional[ShotDet
     # A scratch InputResult collects clips and rejections (discarded if the pass is redone).
     res = InputResult(source_id=item.source_id, uri=item.uri)
     state = {"cur": None, "idx": 0, "windows": 0, "dropped": 0}
+    scalers = (VideoReformatter(), VideoReformatter())
 
     def handle(events, frames_by_index):
         for ev in events:
             kind = ev[0]
             if kind == "open":
                 state["cur"] = (_WindowWork(ev[1], fps, cfg, pr, item, a_size, out_size, codec,
-                                            planner.max_frames, planner.min_frames)
+                                            planner.max_frames, planner.min_frames, scalers)
                                 if source_err is None else None)
             elif kind == "frame":
                 if state["cur"] is not None:
@@ -225,7 +227,7 @@ def _single_pass(path: str, pr: ProbeResult, item, cfg, *, det: Optional[ShotDet
     n = 0
     for frame in _iter_frames(path):
         if det is not None:
-            planner.add_cuts(det.push(detection_frame(frame, a_size)))
+            planner.add_cuts(det.push_bgr(detection_frame(frame, a_size, bgr=True)))
         buf.append((n, frame))
         n += 1
         while buf and buf[0][0] <= n - 1 - lookahead:
@@ -256,8 +258,9 @@ class _WindowWork:
     """
 
     def __init__(self, start: int, fps: float, cfg, pr: ProbeResult, item, a_size, out_size, codec,
-                 max_frames: int, min_frames: int):
+                 max_frames: int, min_frames: int, scalers):
         self.start, self.fps = start, fps
+        self.scalers = scalers  # (clip size, analysis size): reused swscale contexts
         self.cfg, self.pr, self.item = cfg, pr, item
         self.a_size, self.out_size, self.codec = a_size, out_size, codec
         self.min_frames = min_frames
@@ -285,13 +288,13 @@ class _WindowWork:
             if (frame.width, frame.height) == self.out_size and frame.format.name == "yuv420p":
                 vf = frame
             else:
-                vf = frame.reformat(width=self.out_size[0], height=self.out_size[1], format="yuv420p",
-                                    interpolation=self.interp)
+                vf = self.scalers[0].reformat(frame, width=self.out_size[0], height=self.out_size[1],
+                                              format="yuv420p", interpolation=self.interp)
         if self.g == 1 or off % self.g == 0 or off % (2 * self.g) == 1:
             # analysis copy: from the (smaller) clip-size frame when there is one
             src = vf if vf is not None and vf.width >= self.a_size[0] else frame
-            self.small[i] = src.reformat(width=self.a_size[0], height=self.a_size[1], format="yuv420p",
-                                         interpolation="AREA")
+            self.small[i] = self.scalers[1].reformat(src, width=self.a_size[0], height=self.a_size[1],
+                                                     format="yuv420p", interpolation="AREA")
         if reps == 0:
             return
         self.out_frames += reps

@@ -58,10 +58,20 @@ class ShotDetector:
         self._min = min_scene_frames
 
     def push(self, rgb: np.ndarray) -> list[int]:
-        """Feed the next frame; returns the cuts reported by this frame (maybe none)."""
+        """Feed the next frame (RGB); returns the cuts reported by this frame (maybe none)."""
+        if self.kind in ("content", "adaptive"):
+            return self.push_bgr(np.ascontiguousarray(rgb[:, :, ::-1]))
+        return self._push(rgb, None)
+
+    def push_bgr(self, bgr: np.ndarray) -> list[int]:
+        """:meth:`push` for a BGR frame (what PySceneDetect works on)."""
+        if self.kind == "transnetv2":
+            return self._push(np.ascontiguousarray(bgr[:, :, ::-1]), None)
+        return self._push(None, bgr)
+
+    def _push(self, rgb, bgr) -> list[int]:
         new: list[int] = []
         if self.kind in ("content", "adaptive"):
-            bgr = np.ascontiguousarray(rgb[:, :, ::-1])
             new = [c for c in _as_frame_numbers(self._det.process_frame(self._timecode(self.n), bgr)) if c > 0]
             self.cuts.extend(new)
         elif self.kind == "transnetv2":
