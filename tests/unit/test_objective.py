@@ -8,7 +8,8 @@ from vchitect.diffusion.objective import (DiffusionConfig, NullText, drop_text, 
                                           sample_timesteps, shift_for_tokens)
 from vchitect.models import VchitectTransformer3DModel
 from vchitect.train.config import TrainConfig
-from vchitect.train.optim import build_optimizer, build_scheduler, clip_grad_norm_, total_grad_norm
+from vchitect.parallel import clip_grad_norm_, total_grad_norm
+from vchitect.train.optim import build_optimizer, build_scheduler
 
 
 def tiny():

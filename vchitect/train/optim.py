@@ -1,5 +1,5 @@
-"""AdamW with decay only on matrices, the warmup + constant/cosine schedule, and a gradient-norm
-clip that is correct for sharded (DTensor) gradients on any mix of meshes."""
+"""AdamW with decay only on matrices, eager optimizer state, and the warmup + constant/cosine
+schedule. (Gradient clipping for sharded gradients is ``vchitect.parallel.clip_grad_norm_``.)"""
 
 from __future__ import annotations
 
@@ -85,42 +85,3 @@ def lr_lambda(cfg: TrainConfig):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-
-
-@torch.no_grad()
-def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of all gradients. DTensor gradients (FSDP shards, TP shards, on different meshes) are
-    reduced to their full norm mesh group by mesh group, then combined."""
-    from torch.distributed.tensor import DTensor
-
-    squares = []
-    by_mesh: dict = {}
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        if isinstance(g, DTensor):
-            by_mesh.setdefault((g.device_mesh, g.placements), []).append(g)
-        else:
-            squares.append(torch.linalg.vector_norm(g.float()) ** 2)
-    for grads in by_mesh.values():
-        norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])  # DTensor, maybe Partial
-        total = torch.linalg.vector_norm(norms)
-        squares.append(total.full_tensor() ** 2)
-    if not squares:
-        return torch.zeros(())
-    device = squares[0].device
-    return torch.sqrt(sum(s.to(device) for s in squares))
-
-
-@torch.no_grad()
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale gradients so that their global norm is at most ``max_norm``; return the norm before."""
-    norm = total_grad_norm(params)
-    if max_norm > 0:
-        coef = min(1.0, max_norm / (float(norm) + 1e-6))
-        if coef < 1.0:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-    return norm

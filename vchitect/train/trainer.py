@@ -28,12 +28,12 @@ from vchitect.config import Config, to_dict, to_yaml
 from vchitect.diffusion.objective import (NullText, drop_text, rectified_flow_loss, sample_noise, sample_timesteps)
 from vchitect.models import VchitectTransformer3DModel
 from vchitect.models.flops import train_step_flops
-from vchitect.parallel import generator_for_rank, manual_seed, parallelize
+from vchitect.parallel import clip_grad_norm_, generator_for_rank, manual_seed, parallelize, total_grad_norm
 
 from .checkpoint import Checkpointer, read_meta, rng_state, set_rng_state
 from .ema import EMA
 from .metrics import MetricWriter, device_peak_flops, peak_memory_gib
-from .optim import apply_trainable, build_optimizer, build_scheduler, clip_grad_norm_
+from .optim import apply_trainable, build_optimizer, build_scheduler
 from .signals import EXIT_PREEMPTED, PreemptionFlag
 
 log = logging.getLogger("vchitect.train")
@@ -223,7 +223,8 @@ class Trainer:
             flops += train_step_flops(self.cfg.model, B, Fr, H, W, batch["text"].shape[1])
             samples += B
             tokens += B * tok
-        grad_norm = clip_grad_norm_(self.params, tc.grad_clip)
+        grad_norm = (clip_grad_norm_(self.params, tc.grad_clip) if tc.grad_clip > 0
+                     else total_grad_norm(self.params))
         loss_avg = loss_sum.clone()
         if dist.get_world_size() > 1:
             dist.all_reduce(loss_avg)
