@@ -29,8 +29,15 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
+# CPU benchmarks (figures go into benchmarks/RESULTS.md by hand or by the scripts that say so).
+# GPU figures: run benchmarks/step.py --preset 2b … and benchmarks/max_seq.py on a GPU machine.
 bench: setup
-	$(PY) benchmarks/step.py --preset tiny --nproc 1 --layout none
+	$(PY) -m vchitect.cli model-info configs/model/vchitect-2b.yaml --frames 40 --height 432 --width 768
+	$(PY) benchmarks/step.py --preset tiny --nproc 4 --layout tp2,sp2
+	$(PY) benchmarks/parallel_comm.py
+	$(PY) benchmarks/loader.py --samples 24 --repeats 3
+	$(PY) benchmarks/sampling.py --preset demo
+	$(PY) benchmarks/curate.py --no-write
 
 clean:
 	rm -rf $(VENV) .pytest_cache
