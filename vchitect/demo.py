@@ -374,6 +374,12 @@ def run_demo(s: DemoSettings) -> dict:
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                       TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
     os.environ.setdefault("COLUMNS", "150")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
     s.out = Path(s.out).resolve()
     s.out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
