@@ -84,3 +84,11 @@ def test_exponent_without_dot_is_a_number(tmp_path):
     # YAML 1.1 reads `3e-4` as a string; a float field still takes it.
     (tmp_path / "c.yaml").write_text("train:\n  lr: 3e-4\n")
     assert load_config(tmp_path / "c.yaml", ["train.eps=1e-6"]).train.lr == 3e-4
+
+
+def test_docs_list_every_config_key():
+    from pathlib import Path
+
+    text = Path("docs/configs.md").read_text()
+    missing = [key for key, *_ in describe(Config) if f"`{key}`" not in text]
+    assert not missing, f"docs/configs.md lacks {missing}; regenerate it with `vchitect config describe`"
