@@ -191,3 +191,10 @@ def test_every_parameter_gets_a_gradient_after_one_step():
             continue
         assert p.grad is not None, f"{name} received no gradient"
         assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+
+def test_fully_masked_text_row_is_a_clear_error():
+    x = inputs(B=2)
+    x["encoder_attention_mask"] = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]]).bool()
+    with pytest.raises(ValueError, match=r"rows \[1\] mask out every text token"):
+        tiny_model()(**x)

@@ -161,6 +161,10 @@ class VchitectTransformer3DModel(ModelMixin, ConfigMixin):
         text_mask = None
         if encoder_attention_mask is not None:
             text_mask = encoder_attention_mask.to(torch.bool)
+            if not bool(text_mask.any(dim=1).all()):
+                empty = (~text_mask.any(dim=1)).nonzero().flatten().tolist()
+                raise ValueError(f"encoder_attention_mask rows {empty} mask out every text token, which leaves "
+                                 f"cross-attention without keys; keep at least one token (e.g. end-of-text) valid")
             if bool(text_mask.all()):
                 text_mask = None  # lets fused kernels run unmasked
         rope = rope_cos_sin(Fr, self.config.attention_head_dim, self.config.rope_theta,
