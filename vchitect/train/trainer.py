@@ -330,8 +330,16 @@ class Trainer:
 
 def train(cfg: Config) -> int:
     trainer = Trainer(cfg)
+    finished = False
     try:
-        return trainer.run()
+        code = trainer.run()
+        finished = True
+        return code
     finally:
         if dist.is_initialized():
+            if finished:
+                # Leave together: a rank tearing down its group while another still talks to it can
+                # abort at exit (seen once on a 2-node gloo job). Only after a clean finish — after a
+                # rank-local error the others may never reach this barrier.
+                dist.barrier()
             dist.destroy_process_group()
