@@ -4,16 +4,11 @@ benchmarks on one machine. Production launches go through ``launch/`` (torchrun 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launch.local import free_port  # one loopback port finder for the launcher, the trainer and tests
 
 
 def run_local(argv: list[str], nproc: int, timeout: float = 600, threads: int = 1,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
+from launch.local import free_port
 from vchitect.config import Config, to_dict, to_yaml
 from vchitect.diffusion.objective import (NullText, drop_text, rectified_flow_loss, sample_noise, sample_timesteps)
 from vchitect.models import VchitectTransformer3DModel
@@ -43,19 +43,13 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device_type: str) -> None:
     """Join the process group of torchrun / `vchitect launch` / Slurm, or make a 1-rank one."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
