@@ -1,7 +1,9 @@
 """DCP checkpoints → diffusers pipeline folders, and the ``VchitectPipeline`` that loads them.
 
-Importing this package registers ``VchitectPipeline`` with diffusers, so that
-``DiffusionPipeline.from_pretrained(folder)`` resolves it (see docs/export.md).
+``DiffusionPipeline.from_pretrained(folder)`` resolves ``VchitectPipeline`` without this import
+wherever vchitect is installed (the start-up hook ``_vchitect_diffusers_hook``); importing this
+package also sets ``diffusers.VchitectPipeline`` eagerly, for interpreters without the hook
+(see docs/export.md, "Loading it").
 """
 
 from .export import ExportError, export, find_checkpoint, load_weights, read_meta

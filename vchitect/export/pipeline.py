@@ -6,12 +6,14 @@ pixel-space models such as the CPU demo: decode is the identity), ``text_encoder
 and optionally ``text_encoder_2`` + ``tokenizer_2`` (a CLIP whose ``text_embeds`` are the pooled
 vector, SD3-style), encoded the way :mod:`vchitect.models.encoders` encodes them in training.
 
-Loading in a fresh process: diffusers only resolves component libraries that are already
-imported, so import vchitect first::
+Loading in a fresh process, with vchitect installed (no vchitect import needed: the start-up hook
+``_vchitect_diffusers_hook`` makes ``diffusers.VchitectPipeline`` import this module on first use)::
 
-    import vchitect.export  # registers VchitectPipeline with diffusers
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained("exported/")   # or VchitectPipeline.from_pretrained
+
+Without the hook (``python -S``, vchitect only on ``PYTHONPATH``), ``import vchitect.export`` first:
+:func:`register_with_diffusers` runs on import.
 """
 
 from __future__ import annotations
