@@ -1,20 +1,20 @@
 # vchitect — set-up, demo, tests and benchmarks.
 # Every target creates .venv and installs what it needs when missing; `make setup` is quick
-# when nothing changed (a stamp keyed on pyproject.toml and constraints.txt).
+# when nothing changed (a stamp keyed on pyproject.toml, setup.py and constraints.txt).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 EXTRAS ?= dev
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)-$(EXTRAS)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints.txt | sha1sum | cut -c1-12)-$(EXTRAS)
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade -c constraints.txt pip "setuptools>=64" wheel
 	$(PIP) install -q -c constraints.txt torch==2.13.0
