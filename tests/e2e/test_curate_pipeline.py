@@ -306,7 +306,9 @@ def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, tmp_path):
     # 1. kill while inputs are being processed (this run starts its own local Ray; the next ones
     #    join the test's cluster with --address)
     p = _cli(str(cfg_path))
-    assert _wait_for(lambda: done.exists() and any(done.iterdir()), p), p.communicate()[0].decode()[-3000:]
+    # (a finished record is a .pkl; a .tmp- file is one being written, gone if the kill lands now)
+    assert _wait_for(lambda: done.exists() and any(f.suffix == ".pkl" for f in done.iterdir()), p), \
+        p.communicate()[0].decode()[-3000:]
     p.send_signal(signal.SIGKILL)
     p.wait()
     first = {f.name: f.stat().st_mtime_ns for f in done.iterdir() if f.suffix == ".pkl"}
