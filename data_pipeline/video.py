@@ -107,3 +107,52 @@ def decode_rgb(path: str, size: Optional[tuple[int, int]] = None, start: float =
             else:
                 img = frame.to_ndarray(format="rgb24")
             yield t, img
+
+
+# ----------------------------------------------------------------------------- stream copy
+
+
+def avcc_nal_length_size(extradata: Optional[bytes]) -> Optional[int]:
+    """Bytes of the NAL length prefix of an mp4-style (``avcC``) H.264 stream; None otherwise
+    (Annex B streams, e.g. raw .h264 or some .ts/.mkv, are not stream-copied)."""
+    if not extradata or len(extradata) < 7 or extradata[0] != 1:
+        return None
+    return (extradata[4] & 0x3) + 1
+
+
+def is_idr_packet(data: bytes, nal_length_size: int) -> bool:
+    """True when an avcC H.264 access unit holds an IDR slice (NAL type 5): decoding can start
+    there and nothing after it refers to a frame before it."""
+    pos, n = 0, len(data)
+    while pos + nal_length_size < n:
+        size = int.from_bytes(data[pos:pos + nal_length_size], "big")
+        pos += nal_length_size
+        if size <= 0 or pos + size > n:
+            return False
+        if data[pos] & 0x1F == 5:
+            return True
+        pos += size
+    return False
+
+
+def remux_packets(template_stream, packets: Iterable, pts0: int) -> bytes:
+    """An mp4 (bytes) of compressed packets copied from ``template_stream`` without re-encoding.
+
+    ``packets``: (pts, dts, duration, is_keyframe, data) in decode order, in the template's time
+    base; timestamps are shifted by ``pts0`` so that the first displayed frame is at 0 (decode
+    timestamps of leading frames may be negative, as in the source). Same packets → same bytes.
+    """
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as out:
+        stream = out.add_stream_from_template(template_stream)
+        tb = template_stream.time_base
+        for pts, dts, duration, key, data in packets:
+            pkt = av.Packet(data)
+            pkt.pts, pkt.dts = pts - pts0, dts - pts0
+            if duration:
+                pkt.duration = duration
+            pkt.time_base = tb
+            pkt.is_keyframe = key
+            pkt.stream = stream
+            out.mux(pkt)
+    return buf.getvalue()

@@ -6,6 +6,13 @@ once: each frame goes to the shot detector (a strided ~128 px copy), then, a few
 planner, the cheap filters (blur, motion, perceptual hash and sampled frames for the model
 stages, at ``split.analysis_size``) and the clip encoder. It returns an :class:`InputResult`; nothing
 here knows about Ray.
+
+Stream copy (``clip.stream_copy=auto``): when the source is mp4-style H.264 (yuv420p) and the
+clips keep its size and fps, the compressed packets are kept (:class:`_PacketLog`) and a window
+that starts on an IDR keyframe is written by copying its packets (:func:`video.remux_packets`)
+instead of decoding → scaling → re-encoding; the window's end is moved back (by at most the
+B-frame reordering depth) to the last frame where the packets in decode order hold exactly the
+window's frames. A window that cannot be copied after all is re-decoded and encoded.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import cv2
 from av.video.reformatter import VideoReformatter
 import numpy as np
 
-from ..video import even_size, pick_h264_encoder
+from ..video import avcc_nal_length_size, even_size, is_idr_packet, pick_h264_encoder, remux_packets
 from . import filters
 from .probe import ProbeResult, Rejected, probe
 from .split import LateCut, ShotDetector, WindowPlanner
@@ -122,6 +129,141 @@ def _iter_frames(path: str):
             yield frame
 
 
+def _decode(container, stream, log: Optional["_PacketLog"]):
+    """Decoded frames in order, handing every compressed packet to ``log`` first (when given)."""
+    if log is None:
+        yield from container.decode(stream)
+        return
+    for packet in container.demux(stream):
+        if packet.size:
+            log.add(packet)
+        yield from packet.decode()  # the last, empty packet flushes the decoder
+
+
+def _scan_idr_frames(path: str, nal_length_size: int) -> Optional[tuple[list[int], int]]:
+    """(display indices of the IDR frames, number of frames) from the packets alone (no decoding),
+    so that the window planner can split long shots on keyframes; None if packets lack timestamps."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        pts_all, idr_pts = [], []
+        for packet in container.demux(stream):
+            if not packet.size:
+                continue
+            if packet.pts is None:
+                return None
+            pts_all.append(packet.pts)
+            if packet.is_keyframe and is_idr_packet(bytes(packet), nal_length_size):
+                idr_pts.append(packet.pts)
+    rank = {p: i for i, p in enumerate(sorted(pts_all))}
+    return sorted(rank[p] for p in idr_pts), len(pts_all)
+
+
+class _Packet:
+    __slots__ = ("pts", "dts", "duration", "key", "data", "disp", "idr")
+
+    def __init__(self, packet):
+        self.pts, self.dts = packet.pts, packet.dts
+        self.duration = packet.duration or 0
+        self.key = bool(packet.is_keyframe)
+        self.data = bytes(packet)
+        self.disp: Optional[int] = None   # frame index (display order), once decoded
+        self.idr: Optional[bool] = None
+
+
+class _PacketLog:
+    """The source's compressed packets (decode order) from the first frame a stream-copied clip
+    may still need; ``ok`` turns False (and copying stops) at anything unexpected: a packet
+    without timestamps, two packets with one pts, a decoded frame that matches no packet."""
+
+    def __init__(self, stream, nal_length_size: int):
+        self.stream, self.nal = stream, nal_length_size
+        self.recs: deque = deque()
+        self.by_pts: dict[int, _Packet] = {}
+        self.by_disp: dict[int, _Packet] = {}
+        self.ok = True
+
+    @classmethod
+    def for_stream(cls, stream, pr: ProbeResult, cfg, out_size) -> Optional["_PacketLog"]:
+        """A log when this source's clips may be stream-copied, else None."""
+        cc = cfg.clip
+        if cc.stream_copy != "auto" or stream.codec_context.name != "h264":
+            return None
+        if stream.format is None or stream.format.name != "yuv420p" or (pr.width, pr.height) != tuple(out_size):
+            return None  # other pixel formats, or a resize: re-encode
+        if cc.fps and Fraction(cc.fps).limit_denominator(1001) != pr.fps_fraction:
+            return None
+        nal = avcc_nal_length_size(stream.codec_context.extradata)
+        return cls(stream, nal) if nal else None
+
+    def _give_up(self) -> None:
+        self.ok = False
+        self.recs.clear()
+        self.by_pts.clear()
+        self.by_disp.clear()
+
+    def add(self, packet) -> None:
+        if not self.ok:
+            return
+        if packet.pts is None or packet.dts is None or packet.pts in self.by_pts:
+            self._give_up()
+            return
+        rec = _Packet(packet)
+        self.recs.append(rec)
+        self.by_pts[rec.pts] = rec
+
+    def frame_out(self, pts: Optional[int], n: int) -> None:
+        """Frame ``n`` (display order) came out of the decoder with timestamp ``pts``."""
+        if not self.ok:
+            return
+        rec = self.by_pts.get(pts) if pts is not None else None
+        if rec is None or rec.disp is not None:
+            self._give_up()
+            return
+        rec.disp = n
+        self.by_disp[n] = rec
+
+    def is_idr(self, n: int) -> bool:
+        rec = self.by_disp.get(n) if self.ok else None
+        if rec is None or not rec.key:
+            return False
+        if rec.idr is None:
+            rec.idr = is_idr_packet(rec.data, self.nal)
+        return rec.idr
+
+    def prune(self, keep_from: int) -> None:
+        """Forget packets of frames before ``keep_from`` (at the front of decode order)."""
+        while self.recs and self.recs[0].disp is not None and self.recs[0].disp < keep_from:
+            rec = self.recs.popleft()
+            del self.by_pts[rec.pts], self.by_disp[rec.disp]
+
+    def window(self, s: int, e: int, min_frames: int):
+        """(packets, end, pts0) to copy the longest window ``[s, end)``, ``end <= e`` and at least
+        ``min_frames`` long, whose packets are a run of decode order starting at frame ``s``'s
+        (an IDR) holding exactly frames s … end-1 at a constant frame duration; None if none."""
+        first = self.by_disp.get(s) if self.ok else None
+        if first is None or not self.is_idr(s):
+            return None
+        taken, best, hi, on = [], 0, -1, False
+        for rec in self.recs:
+            if not on:
+                on = rec is first
+                if not on:
+                    continue
+            if rec.disp is None or rec.disp < s or rec.disp >= e:
+                break
+            taken.append(rec)
+            hi = max(hi, rec.disp)
+            if hi == s + len(taken) - 1 and len(taken) >= min_frames:
+                best = len(taken)
+        if not best:
+            return None
+        taken = taken[:best]
+        pts = sorted(r.pts for r in taken)
+        if len({b - a for a, b in zip(pts, pts[1:])}) > 1:
+            return None  # variable frame rate: the clip's fps and frame count would disagree
+        return [(r.pts, r.dts, r.duration, r.key, r.data) for r in taken], s + best, first.pts
+
+
 def _make_detector(cfg, fps: float) -> ShotDetector:
     sp = cfg.split
     return ShotDetector(sp.detector, threshold=sp.threshold, adaptive_threshold=sp.adaptive_threshold,
@@ -167,10 +309,6 @@ def _single_pass(path: str, pr: ProbeResult, item, cfg, *, det: Optional[ShotDet
                  cuts: Optional[list[int]], a_size) -> tuple[list, list, dict]:
     fps = pr.fps
     cc, f = cfg.clip, cfg.filters
-    planner = WindowPlanner(fps, min_duration=cc.min_duration, max_duration=cc.max_duration, margin=cc.margin)
-    if cuts is not None:
-        planner.add_cuts(cuts)
-    lookahead = planner.m + (det.lag if det is not None else 0)
     # Rules that do not depend on the window (resolution, fps, aspect): when they fail, every
     # window is rejected without decoding work beyond shot detection.
     try:
@@ -179,18 +317,33 @@ def _single_pass(path: str, pr: ProbeResult, item, cfg, *, det: Optional[ShotDet
     except Rejected as err:
         source_err = err if err.reason != "duration" else None
     out_size = even_size(pr.width, pr.height, cc.max_size)
+    container = av.open(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        log = _PacketLog.for_stream(stream, pr, cfg, out_size) if source_err is None else None
+        scan = _scan_idr_frames(path, log.nal) if log is not None else None
+    except BaseException:
+        container.close()
+        raise
+    planner = WindowPlanner(fps, min_duration=cc.min_duration, max_duration=cc.max_duration, margin=cc.margin,
+                            keyframes=scan[0] if scan else (), num_frames=scan[1] if scan else None)
+    if cuts is not None:
+        planner.add_cuts(cuts)
+    lookahead = planner.m + (det.lag if det is not None else 0)
     codec = pick_h264_encoder(cc.codec) if source_err is None else None
     # A scratch InputResult collects clips and rejections (discarded if the pass is redone).
     res = InputResult(source_id=item.source_id, uri=item.uri)
     state = {"cur": None, "idx": 0, "windows": 0, "dropped": 0}
-    scalers = (VideoReformatter(), VideoReformatter())
+    scalers = (VideoReformatter(), VideoReformatter(), VideoReformatter())
 
     def handle(events, frames_by_index):
         for ev in events:
             kind = ev[0]
             if kind == "open":
                 state["cur"] = (_WindowWork(ev[1], fps, cfg, pr, item, a_size, out_size, codec,
-                                            planner.max_frames, planner.min_frames, scalers)
+                                            planner.max_frames, planner.min_frames, scalers,
+                                            log=log, path=path, stream=stream)
                                 if source_err is None else None)
             elif kind == "frame":
                 if state["cur"] is not None:
@@ -223,28 +376,45 @@ def _single_pass(path: str, pr: ProbeResult, item, cfg, *, det: Optional[ShotDet
                 res.reject("clip", Rejected(reason, f"{what}: {(e - s) / fps:.2f}s < {cc.min_duration}s"),
                            start=s / fps, end=e / fps)
 
+    def exact(cuts):  # stream copy: cuts on an IDR keyframe are not trimmed
+        return [c for c in cuts if log.is_idr(c)] if log is not None and log.ok else ()
+
+    def prune():  # keep the packets of the open copied window, or from the next frame to plan
+        if log is not None:
+            cur = state["cur"]
+            log.prune(cur.start if cur is not None and cur.copy else (buf[0][0] if buf else n))
+
     buf: deque = deque()
     n = 0
-    for frame in _iter_frames(path):
+    try:
+        for frame in _decode(container, stream, log):
+            if log is not None:
+                log.frame_out(frame.pts, n)
+            if det is not None:
+                new = det.push_bgr(detection_frame(frame, a_size, bgr=True))
+                if new:
+                    planner.add_cuts(new, exact=exact(new))
+            buf.append((n, frame))
+            n += 1
+            while buf and buf[0][0] <= n - 1 - lookahead:
+                j, fr = buf.popleft()
+                handle(planner.step(j), lambda _j, fr=fr: fr)
+                prune()
+        if n == 0:
+            raise Rejected("zero_duration", "no decodable frames")
         if det is not None:
-            planner.add_cuts(det.push_bgr(detection_frame(frame, a_size, bgr=True)))
-        buf.append((n, frame))
-        n += 1
-        while buf and buf[0][0] <= n - 1 - lookahead:
+            new = det.finish()
+            planner.add_cuts(new, exact=exact(new))
+        while buf:
             j, fr = buf.popleft()
             handle(planner.step(j), lambda _j, fr=fr: fr)
-    if n == 0:
-        raise Rejected("zero_duration", "no decodable frames")
-    if det is not None:
-        planner.add_cuts(det.finish())
-    while buf:
-        j, fr = buf.popleft()
-        handle(planner.step(j), lambda _j, fr=fr: fr)
-    handle(planner.end(n), None)
-    entered = {"split": 1, "clip": state["windows"] + state["dropped"]}
-    if state["windows"]:
-        entered["filter"] = state["windows"]
-    return res.clips, res.rejections, entered
+        handle(planner.end(n), None)
+        entered = {"split": 1, "clip": state["windows"] + state["dropped"]}
+        if state["windows"]:
+            entered["filter"] = state["windows"]
+        return res.clips, res.rejections, entered
+    finally:
+        container.close()
 
 
 class _WindowWork:
@@ -255,12 +425,19 @@ class _WindowWork:
     ``g = max_frames // 24`` (every frame for short windows); the sampled frames are then the grid
     frames nearest to evenly spread positions. Frames are held (scaled to the clip size) until
     the window is known to be at least ``min_frames`` long, so dropped shots are never encoded.
+
+    A window that starts on an IDR frame of a source whose packets are logged (``log``) is
+    stream-copied: no frame is scaled or encoded, only the analysis frames are made.
     """
 
     def __init__(self, start: int, fps: float, cfg, pr: ProbeResult, item, a_size, out_size, codec,
-                 max_frames: int, min_frames: int, scalers):
+                 max_frames: int, min_frames: int, scalers, *, log: Optional[_PacketLog] = None,
+                 path: str = "", stream=None):
         self.start, self.fps = start, fps
-        self.scalers = scalers  # (clip size, analysis size): reused swscale contexts
+        self.log, self.path, self.stream = log, path, stream
+        self.copy = log is not None and log.is_idr(start)
+        self.pts: list[int] = []          # copy: source timestamps of the window's frames
+        self.scalers = scalers  # (clip size, analysis size, analysis rgb): reused swscale contexts
         self.cfg, self.pr, self.item = cfg, pr, item
         self.a_size, self.out_size, self.codec = a_size, out_size, codec
         self.min_frames = min_frames
@@ -278,6 +455,13 @@ class _WindowWork:
     def add(self, i: int, frame) -> None:
         off = i - self.start
         self.n += 1
+        if self.copy:
+            self.pts.append(frame.pts)
+            self.out_frames += 1
+            if self.g == 1 or off % self.g == 0 or off % (2 * self.g) == 1:
+                self.small[i] = self.scalers[1].reformat(frame, width=self.a_size[0], height=self.a_size[1],
+                                                         format="yuv420p", interpolation="AREA")
+            return
         # Frame-rate conversion by nearest frame: emit output frames whose time falls in this frame.
         t_rel = (off + 1) / self.fps
         reps = 0
@@ -313,6 +497,24 @@ class _WindowWork:
                 self.encoder.add(vf)
         self.pending.clear()
 
+    def _reencode_from_source(self) -> None:
+        """Copy mode fallback: decode the window's frames again (from its IDR frame) into the encoder."""
+        want = set(self.pts)
+        self.encoder = _ClipEncoder(self.codec, self.out_rate, self.out_size, self.cfg.clip)
+        got = 0
+        with av.open(self.path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            container.seek(self.pts[0], stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                if frame.pts in want:
+                    self.encoder.add(frame)
+                    got += 1
+                if frame.pts is not None and frame.pts >= self.pts[-1]:
+                    break
+        if got != len(self.pts):
+            raise Rejected("decode_error", f"re-decoding the window gave {got} of {len(self.pts)} frames")
+
     def abort(self) -> None:
         self.pending.clear()
         self.small.clear()
@@ -325,12 +527,20 @@ class _WindowWork:
     def finish(self, idx: int, end: int, res: InputResult) -> None:
         f, cfg = self.cfg.filters, self.cfg
         start = self.start
+        copied = None
+        if self.copy:
+            # the longest copyable window [start, end'), end' <= end, still long enough for the rules
+            min_keep = max(self.min_frames, int(np.ceil(f.min_duration * self.fps - 1e-6)))
+            copied = self.log.window(start, end, min_keep) if self.log.ok else None
+            if copied is not None:
+                end = copied[1]
+                self.out_frames = end - start
         s_sec, e_sec = start / self.fps, end / self.fps
         n = end - start
         k, m = f.frames_per_clip, f.motion_frames
-        grid = [i for i in sorted(self.small) if (i - start) % self.g == 0]
+        grid = [i for i in sorted(self.small) if (i - start) % self.g == 0 and i < end]
         sample_at = self._pick([start + min(n - 1, int((j + 0.5) * n / k)) for j in range(k)], grid)
-        pair_grid = [i for i in grid if i + 1 in self.small]
+        pair_grid = [i for i in grid if i + 1 in self.small and i + 1 < end]
         pair_at = (self._pick([start + min(n - 2, int((j + 0.5) * (n - 1) / m)) for j in range(m)], pair_grid)
                    if n >= 2 else [])
         rgb: dict[int, np.ndarray] = {}
@@ -339,7 +549,7 @@ class _WindowWork:
         def g_of(i):
             if i not in gray:
                 if i not in rgb:
-                    rgb[i] = self.small[i].to_ndarray(format="rgb24")
+                    rgb[i] = self.scalers[2].reformat(self.small[i], format="rgb24").to_ndarray()
                 gray[i] = cv2.cvtColor(rgb[i], cv2.COLOR_RGB2GRAY)
             return gray[i]
 
@@ -358,9 +568,22 @@ class _WindowWork:
             self.abort()
             res.reject("filter", err, clip=idx, start=s_sec, end=e_sec)
             return
-        self._encode_pending()
-        mp4 = self.encoder.close()
-        out_w, out_h = self.encoder.size
+        if copied is not None:
+            mp4 = remux_packets(self.stream, copied[0], copied[2])
+            out_w, out_h = self.pr.width, self.pr.height
+            transcode = "copy"
+        else:
+            if self.copy:  # not copyable after all: decode the window again and encode it
+                try:
+                    self._reencode_from_source()
+                except Rejected as err:
+                    self.abort()
+                    res.reject("filter", err, clip=idx, start=s_sec, end=e_sec)
+                    return
+            self._encode_pending()
+            mp4 = self.encoder.close()
+            out_w, out_h = self.encoder.size
+            transcode = self.codec
         frames_jpeg = [cv2.imencode(".jpg", cv2.cvtColor(rgb[i], cv2.COLOR_RGB2BGR),
                                     [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
                        for i in sample_at]
@@ -371,6 +594,7 @@ class _WindowWork:
             "start": round(s_sec, 4), "end": round(e_sec, 4),
             "fps": round(float(self.out_rate), 6), "width": out_w, "height": out_h,
             "num_frames": self.out_frames,
+            "transcode": transcode,
             "source": {"width": self.pr.width, "height": self.pr.height, "fps": round(self.pr.fps, 6),
                        "codec": self.pr.codec, "has_audio": self.pr.has_audio,
                        "duration": round(self.pr.duration, 4)},

@@ -82,7 +82,7 @@ def test_probe_rejects_huge_frames_from_the_header_alone(tmp_path, monkeypatch):
 
 def test_shot_detector_finds_the_hard_cuts(corpus):
     root, truth = corpus
-    for kind in ("content", "adaptive"):
+    for kind in ("content", "content_fast", "adaptive"):
         det = ShotDetector(kind, fps=12.0)
         for _t, img in decode_rgb(os.path.join(root, "videos", "defects.mp4"), size=(256, 160)):
             det.push(img)
@@ -90,6 +90,31 @@ def test_shot_detector_finds_the_hard_cuts(corpus):
         want = [round(s["start"] * 12) for s in truth["shots"] if s["file"] == "defects.mp4"][1:]
         assert len(cuts) == len(want), (kind, cuts, want)
         assert all(abs(c - w) <= 1 for c, w in zip(cuts, want)), (kind, cuts, want)
+
+
+def test_content_fast_scores_and_cuts_equal_pyscenedetect_content():
+    from data_pipeline.stages.split import FastContentDetector
+
+    # frames whose change from the previous one ranges from none to a hard cut, many near the
+    # threshold; and cuts closer than min_scene_frames
+    rng = np.random.default_rng(1)
+    frames, img = [], rng.integers(0, 256, (36, 64, 3), dtype=np.uint8)
+    for i in range(300):
+        k = rng.choice([0, 0, 1, 2, 3]) if i % 7 else 4
+        if k:
+            mask = rng.random(img.shape[:2]) < (0.1, 0.3, 0.45, 0.6)[k - 1]
+            img = img.copy()
+            img[mask] = rng.integers(0, 256, (int(mask.sum()), 3), dtype=np.uint8)
+        frames.append(img)
+    for threshold, min_frames in ((27.0, 8), (20.0, 3), (35.0, 1)):
+        ref = ShotDetector("content", threshold=threshold, min_scene_frames=min_frames, fps=24.0)
+        fast = ShotDetector("content_fast", threshold=threshold, min_scene_frames=min_frames, fps=24.0)
+        assert isinstance(fast._det, FastContentDetector)
+        for n, bgr in enumerate(frames):
+            assert ref.push_bgr(bgr) == fast.push_bgr(bgr), (threshold, n)
+            assert ref._det._frame_score == fast._det.score_last, (threshold, n)  # bit for bit
+        cuts = ref.finish()
+        assert fast.finish() == cuts and len(cuts) > 10
 
 
 def test_plan_windows_margins_minimum_and_maximum():
