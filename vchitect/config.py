@@ -65,6 +65,17 @@ class ModelConfig:
     rope_scaling_factor: float = setting(1.0, min=1e-6, help="frame positions are divided by this "
                                          "(>1 stretches RoPE for longer videos, as in ExVideo-style extension)")
     qk_norm: str = setting("none", choices=["none", "rms_norm"], help="normalisation of queries and keys")
+    frame_pos_embed: str = setting("none", choices=["none", "sincos"],
+                                   help="absolute frame position added to every video token: none (Vchitect-2.0: "
+                                   "frame order only through the temporal RoPE) or a fixed 1D sin-cos table over "
+                                   "the frame index (no parameters; positions divided by rope_scaling_factor)")
+    prediction: str = setting("velocity", choices=["velocity", "sample"],
+                              help="what the last layer predicts: the velocity ε − x0 (Vchitect-2.0), or the "
+                              "clean sample x0, which forward turns into the velocity (x_t − x0) / max(t, "
+                              "prediction_t_min) so the objective, samplers and exports are unchanged "
+                              "(x-prediction, Li & He 2025: suits pixel-space models)")
+    prediction_t_min: float = setting(0.05, min=1e-4, max=1.0, help="with prediction: sample, the smallest t "
+                                      "the velocity divides by")
     attention_backend: str = setting("sdpa", choices=["sdpa", "flash_attn", "te"],
                                      help="attention kernel: torch SDPA, or flash-attn / Transformer "
                                      "Engine when the `gpu` extra is installed")

@@ -198,3 +198,49 @@ def test_fully_masked_text_row_is_a_clear_error():
     x["encoder_attention_mask"] = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]]).bool()
     with pytest.raises(ValueError, match=r"rows \[1\] mask out every text token"):
         tiny_model()(**x)
+
+
+@pytest.mark.parametrize("frame_pos_embed", ["none", "sincos"])
+def test_frame_position_embedding_tells_identical_frames_apart(frame_pos_embed):
+    """Without an absolute frame position, frames with identical content get identical outputs (the
+    temporal RoPE is relative and every value is the same); the sin-cos frame table breaks that tie,
+    which is what lets a small model place an object by frame index (docs/demo.md)."""
+    model = tiny_model(frame_pos_embed=frame_pos_embed).eval()
+    randomise_(model)
+    x = inputs(F=4)
+    x["hidden_states"] = x["hidden_states"][:, :, :1].expand(-1, -1, 4, -1, -1).contiguous()
+    with torch.no_grad():
+        out = model(**x).sample
+    spread = (out - out[:, :, :1]).abs().max().item()
+    if frame_pos_embed == "none":
+        assert spread < 1e-5
+    else:
+        assert spread > 1e-3
+
+
+def test_frame_position_table_is_sin_cos_of_the_scaled_frame_index():
+    from vchitect.models.embeddings import frame_sincos_table
+
+    t = frame_sincos_table(5, 8, scaling_factor=2.0)
+    assert t.shape == (5, 8)
+    assert torch.equal(t[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    torch.testing.assert_close(t[4, 0], torch.sin(torch.tensor(2.0)))     # position 4 / 2, frequency 1
+    torch.testing.assert_close(t[4, 5], torch.cos(torch.tensor(2.0 * 10000 ** -0.25)))
+    with pytest.raises(ValueError, match="frame_pos_embed"):
+        tiny_model(frame_pos_embed="learned")
+
+
+def test_sample_prediction_turns_the_networks_x0_into_the_velocity():
+    """prediction='sample': the last layer predicts x0 and forward returns (x_t − x0) / max(t, t_min), so
+    the same weights as a velocity model give exactly that transform of its output."""
+    x = inputs(F=3)
+    x["timestep"] = torch.tensor([700.0, 10.0])  # t = 0.7, and t = 0.01 < t_min = 0.05
+    v_model, x_model = tiny_model(), tiny_model(prediction="sample")
+    randomise_(v_model), randomise_(x_model)
+    with torch.no_grad():
+        raw = v_model(**x).sample  # identical weights: the x0 the sample model predicts
+        v = x_model(**x).sample
+    t = torch.tensor([0.7, 0.05]).view(2, 1, 1, 1, 1)
+    torch.testing.assert_close(v, (x["hidden_states"] - raw) / t, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="out_channels"):
+        tiny_model(prediction="sample", out_channels=8)

@@ -3,6 +3,8 @@ table, and the 1D rotary embedding over the frame index used by the temporal bra
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from torch import nn
@@ -50,6 +52,17 @@ class PatchEmbed(nn.Module):
         gh, gw = self.grid(*frames.shape[-2:])
         x = self.proj(frames).flatten(2).transpose(1, 2)
         return (x + self.cropped_table(gh, gw)).to(x.dtype)
+
+
+def frame_sincos_table(num_frames: int, dim: int, scaling_factor: float = 1.0, device=None) -> torch.Tensor:
+    """F×dim fp32 table of absolute frame positions: sin of position × 10000^(−2i/dim) in the first half of
+    the channels, cos in the second (the 1D form of the 2D patch table). Positions are divided by
+    ``scaling_factor`` like the RoPE's, so a temporally extended model sees the trained range."""
+    if dim % 2:
+        raise ValueError(f"the frame position table needs an even width, got {dim}")
+    pos = torch.arange(num_frames, device=device, dtype=torch.float32)[:, None] / scaling_factor
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    return torch.cat([torch.sin(pos * freqs), torch.cos(pos * freqs)], dim=1)
 
 
 def rope_cos_sin(num_positions: int, head_dim: int, theta: float, scaling_factor: float,

@@ -32,7 +32,7 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 from torch import nn
 
 from .attention import VchitectAttention, check_backend
-from .embeddings import PatchEmbed, rope_cos_sin
+from .embeddings import PatchEmbed, frame_sincos_table, rope_cos_sin
 
 
 class AdaLNZero(nn.Module):
@@ -114,9 +114,17 @@ class VchitectTransformer3DModel(ModelMixin, ConfigMixin):
                  attention_head_dim: int = 64, joint_attention_dim: int = 4096, pooled_projection_dim: int = 2048,
                  pos_embed_max_size: int = 192, mlp_ratio: float = 4.0, spatial_scale: float = 1.1,
                  rope_theta: float = 1.0e6, rope_scaling_factor: float = 1.0, qk_norm: str = "none",
-                 attention_backend: str = "sdpa"):
+                 attention_backend: str = "sdpa", frame_pos_embed: str = "none", prediction: str = "velocity",
+                 prediction_t_min: float = 0.05):
         super().__init__()
         check_backend(attention_backend)
+        if frame_pos_embed not in ("none", "sincos"):
+            raise ValueError(f"frame_pos_embed={frame_pos_embed!r}: choose 'none' or 'sincos'")
+        if prediction not in ("velocity", "sample"):
+            raise ValueError(f"prediction={prediction!r}: choose 'velocity' or 'sample'")
+        if prediction == "sample" and (out_channels or in_channels) != in_channels:
+            raise ValueError(f"prediction='sample' predicts x0, so out_channels ({out_channels}) must equal "
+                             f"in_channels ({in_channels})")
         if attention_head_dim % 2:
             raise ValueError(f"attention_head_dim={attention_head_dim} must be even (RoPE rotates channel pairs)")
         dim = num_attention_heads * attention_head_dim
@@ -153,6 +161,9 @@ class VchitectTransformer3DModel(ModelMixin, ConfigMixin):
 
         frames = hidden_states.transpose(1, 2).reshape(B * Fr, C, H, W)
         x = self.pos_embed(frames)  # N×S×D, N = B·F
+        if self.config.frame_pos_embed == "sincos":
+            table = frame_sincos_table(Fr, self.inner_dim, self.config.rope_scaling_factor, device=x.device)
+            x = (x.unflatten(0, (B, Fr)) + table[:, None, :].to(x.dtype)).flatten(0, 1)
         if timestep.ndim == 0:
             timestep = timestep.expand(B)
         temb = self.time_text_embed(timestep, pooled_projections)  # B×D
@@ -180,6 +191,9 @@ class VchitectTransformer3DModel(ModelMixin, ConfigMixin):
         x = self.proj_out(x)  # N×S×(p·p·C)
         x = x.reshape(B, Fr, gh, gw, p, p, self.out_channels)
         out = torch.einsum("bfhwpqc->bcfhpwq", x).reshape(B, self.out_channels, Fr, gh * p, gw * p)
+        if self.config.prediction == "sample":  # x0 → velocity of x_t = (1 − t)·x0 + t·ε: (x_t − x0) / t
+            t = (timestep.float() / 1000.0).clamp(min=self.config.prediction_t_min).view(B, 1, 1, 1, 1)
+            out = ((hidden_states.float() - out.float()) / t).to(out.dtype)
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
