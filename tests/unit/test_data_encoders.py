@@ -108,3 +108,18 @@ def test_encode_batch_turns_a_decode_batch_into_latents(folders):
     pre = {"latents": torch.zeros(1, 4, 1, 2, 2), "text": torch.zeros(1, 8, 16),
            "text_mask": torch.ones(1, 8, dtype=torch.bool), "pooled": torch.zeros(1, 16), "captions": ["x"]}
     assert encode_batch(pre)["latents"] is pre["latents"]  # precomputed: nothing to encode
+
+
+def test_text_cache_encodes_each_caption_once_and_keeps_the_newest(folders):
+    prompts = ["a red car at night", "the cat runs", "a red car at night"]
+    plain = load_text_encoder(folders / "t5", "t5", max_length=8)
+    cached = load_text_encoder(folders / "t5", "t5", max_length=8, cache_size=2)
+    calls = []
+    inner = cached._encode
+    cached._encode = lambda ps: calls.append(list(ps)) or inner(ps)
+    for _ in range(2):
+        for got, want in zip(cached.encode(prompts), plain.encode(prompts)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert calls == [["a red car at night", "the cat runs"]]  # duplicates and repeats: no second encode
+    cached.encode(["the dog"])  # capacity 2: the least recently used caption goes
+    assert list(cached._cache) == ["a red car at night", "the dog"]

@@ -92,6 +92,9 @@ class EncoderConfig:
     dtype: str = setting("bfloat16", choices=["float32", "bfloat16", "float16"],
                          help="dtype of the encoders on the training device")
     sample_posterior: bool = setting(False, help="sample the VAE posterior instead of taking its mode")
+    text_cache_size: int = setting(0, min=0, help="captions whose embeddings the text encoder keeps (least "
+                                   "recently used go first): pays off when captions repeat, as in the demo's "
+                                   "small vocabulary; 0 = encode every caption every step")
 
 
 @dataclass

@@ -64,7 +64,8 @@ def load_encoders(cfg, device: str | torch.device = "cpu"):
     if vae is None and is_pixel_space(cfg):
         vae = PixelSpace()
     text = load_text_encoder(e.text_encoder_path, e.text_encoder_kind, cfg.text.max_length, device,
-                             e.dtype, e.pooled_encoder_path) if e.text_encoder_path else None
+                             e.dtype, e.pooled_encoder_path, cache_size=e.text_cache_size) \
+        if e.text_encoder_path else None
     if cfg.source == "shards" and cfg.mode == "decode" and (vae is None or text is None):
         raise ValueError(f"data.mode={cfg.mode} decodes videos, which needs data.encoders.vae_path and "
                          f"data.encoders.text_encoder_path (local folders); set both (or train in "

@@ -15,6 +15,7 @@ and scaled for the diffusion model. Image VAEs (``AutoencoderKL``) run per frame
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
@@ -41,11 +42,19 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # B
 
 
 class TextEncoder(nn.Module):
+    """Frozen text encoder: prompts → (hidden B×L×D, mask B×L, pooled B×P).
+
+    ``cache_size`` > 0 keeps the embeddings of that many prompts (least recently used evicted first), so
+    a repeated caption is not encoded again; only the prompts missing from the cache go through the model.
+    """
+
     def __init__(self, model: nn.Module, tokenizer, kind: str, max_length: int,
-                 pooled_model: Optional[nn.Module] = None, pooled_tokenizer=None):
+                 pooled_model: Optional[nn.Module] = None, pooled_tokenizer=None, cache_size: int = 0):
         super().__init__()
         self.model, self.tokenizer, self.kind, self.max_length = model, tokenizer, kind, max_length
         self.pooled_model, self.pooled_tokenizer = pooled_model, pooled_tokenizer
+        self.cache_size = cache_size
+        self._cache: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]" = OrderedDict()
 
     def _tokens(self, tokenizer, prompts: list[str], max_length: int):
         t = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
@@ -55,6 +64,21 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.cache_size <= 0:
+            return self._encode(prompts)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            for p, h, m, pl in zip(missing, *self._encode(missing)):
+                self._cache[p] = (h, m, pl)
+        rows = []
+        for p in prompts:
+            self._cache.move_to_end(p)
+            rows.append(self._cache[p])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return tuple(torch.stack(parts) for parts in zip(*rows))
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, mask = self._tokens(self.tokenizer, prompts, self.max_length)
         out = self.model(input_ids=ids, attention_mask=mask)
         hidden = out.last_hidden_state  # B×L×D
@@ -73,7 +97,7 @@ class TextEncoder(nn.Module):
 
 def load_text_encoder(path: str | Path, kind: str = "t5", max_length: int = 77,
                       device: str | torch.device = "cpu", dtype: str = "float32",
-                      pooled_path: Optional[str | Path] = None) -> TextEncoder:
+                      pooled_path: Optional[str | Path] = None, cache_size: int = 0) -> TextEncoder:
     """A :class:`TextEncoder` from a local transformers folder holding the model and its tokenizer."""
     import transformers
 
@@ -95,7 +119,7 @@ def load_text_encoder(path: str | Path, kind: str = "t5", max_length: int = 77,
         pooled_model = transformers.CLIPTextModelWithProjection.from_pretrained(
             pp, **dt).to(device).eval().requires_grad_(False)
         pooled_tok = transformers.AutoTokenizer.from_pretrained(pp)
-    return TextEncoder(model, tok, kind, max_length, pooled_model, pooled_tok)
+    return TextEncoder(model, tok, kind, max_length, pooled_model, pooled_tok, cache_size)
 
 
 class VAEEncoder(nn.Module):
