@@ -119,7 +119,8 @@ class ClipConfig:
                                "no resize (source within clip.max_size) nor fps change and starts on an "
                                "IDR keyframe is copied packet for packet instead of re-encoded; cuts "
                                "that fall exactly on an IDR keyframe are then not trimmed by "
-                               "clip.margin. never: re-encode every clip")
+                               "clip.margin, and long shots are split on keyframes (docs/curation.md). never: "
+                               "re-encode every clip")
 
 
 @dataclass

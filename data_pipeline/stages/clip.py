@@ -96,16 +96,21 @@ def process_video(local_path: str, item, cfg) -> InputResult:
 DETECT_SIZE = 128  # long side (px) of the frames the shot detector sees
 
 
-def detection_frame(frame, fallback_size: tuple[int, int], bgr: bool = False) -> np.ndarray:
+def detection_frame(frame, fallback_size: tuple[int, int], bgr: bool = False,
+                    reformatter: Optional[VideoReformatter] = None) -> np.ndarray:
     """A small RGB frame for shot detection, by striding the planes of a yuv420p frame.
 
     Hard cuts survive subsampling; skipping the scaler makes detection nearly free next to the
-    decode itself. Other pixel formats go through the scaler.
+    decode itself. Other pixel formats (and frames already small) go through the scaler
+    (``reformatter``: a reused swscale context).
     """
     w, h = frame.width, frame.height
     k = max(1, max(w, h) // DETECT_SIZE)
     if frame.format.name not in ("yuv420p", "yuvj420p") or k < 2:
-        return frame.to_ndarray(width=fallback_size[0], height=fallback_size[1], format="bgr24" if bgr else "rgb24")
+        fmt = "bgr24" if bgr else "rgb24"
+        if reformatter is None:
+            return frame.to_ndarray(width=fallback_size[0], height=fallback_size[1], format=fmt)
+        return reformatter.reformat(frame, width=fallback_size[0], height=fallback_size[1], format=fmt).to_ndarray()
     planes = []
     for idx, step in ((0, k), (1, k // 2), (2, k // 2)):
         p = frame.planes[idx]
@@ -117,7 +122,9 @@ def detection_frame(frame, fallback_size: tuple[int, int], bgr: bool = False) ->
     if u.shape != y.shape or v.shape != y.shape:
         u = cv2.resize(np.ascontiguousarray(planes[1]), (y.shape[1], y.shape[0]), interpolation=cv2.INTER_NEAREST)
         v = cv2.resize(np.ascontiguousarray(planes[2]), (y.shape[1], y.shape[0]), interpolation=cv2.INTER_NEAREST)
-    return cv2.cvtColor(np.dstack([y, u, v]), cv2.COLOR_YUV2BGR if bgr else cv2.COLOR_YUV2RGB)
+    yuv = np.empty(y.shape + (3,), np.uint8)
+    yuv[..., 0], yuv[..., 1], yuv[..., 2] = y, u, v
+    return cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR if bgr else cv2.COLOR_YUV2RGB)
 
 
 def _iter_frames(path: str):
@@ -149,8 +156,8 @@ def _scan_idr_frames(path: str, nal_length_size: int) -> Optional[tuple[list[int
         for packet in container.demux(stream):
             if not packet.size:
                 continue
-            if packet.pts is None:
-                return None
+            if packet.pts is None or packet.dts is None:
+                return None  # the packet log will not copy either
             pts_all.append(packet.pts)
             if packet.is_keyframe and is_idr_packet(bytes(packet), nal_length_size):
                 idr_pts.append(packet.pts)
@@ -336,6 +343,7 @@ def _single_pass(path: str, pr: ProbeResult, item, cfg, *, det: Optional[ShotDet
     res = InputResult(source_id=item.source_id, uri=item.uri)
     state = {"cur": None, "idx": 0, "windows": 0, "dropped": 0}
     scalers = (VideoReformatter(), VideoReformatter(), VideoReformatter())
+    detect_scaler = VideoReformatter()
 
     def handle(events, frames_by_index):
         for ev in events:
@@ -391,7 +399,7 @@ def _single_pass(path: str, pr: ProbeResult, item, cfg, *, det: Optional[ShotDet
             if log is not None:
                 log.frame_out(frame.pts, n)
             if det is not None:
-                new = det.push_bgr(detection_frame(frame, a_size, bgr=True))
+                new = det.push_bgr(detection_frame(frame, a_size, bgr=True, reformatter=detect_scaler))
                 if new:
                     planner.add_cuts(new, exact=exact(new))
             buf.append((n, frame))
@@ -499,6 +507,8 @@ class _WindowWork:
 
     def _reencode_from_source(self) -> None:
         """Copy mode fallback: decode the window's frames again (from its IDR frame) into the encoder."""
+        if any(p is None for p in self.pts):
+            raise Rejected("decode_error", "frames without timestamps in a window to re-decode")
         want = set(self.pts)
         self.encoder = _ClipEncoder(self.codec, self.out_rate, self.out_size, self.cfg.clip)
         got = 0
