@@ -324,6 +324,7 @@ def _single_pass(path: str, pr: ProbeResult, item, cfg, *, det: Optional[ShotDet
     except Rejected as err:
         source_err = err if err.reason != "duration" else None
     out_size = even_size(pr.width, pr.height, cc.max_size)
+    codec = pick_h264_encoder(cc.codec) if source_err is None else None
     container = av.open(path)
     try:
         stream = container.streams.video[0]
@@ -336,9 +337,8 @@ def _single_pass(path: str, pr: ProbeResult, item, cfg, *, det: Optional[ShotDet
     planner = WindowPlanner(fps, min_duration=cc.min_duration, max_duration=cc.max_duration, margin=cc.margin,
                             keyframes=scan[0] if scan else (), num_frames=scan[1] if scan else None)
     if cuts is not None:
-        planner.add_cuts(cuts)
+        planner.add_cuts(cuts)  # nothing planned yet: never late
     lookahead = planner.m + (det.lag if det is not None else 0)
-    codec = pick_h264_encoder(cc.codec) if source_err is None else None
     # A scratch InputResult collects clips and rejections (discarded if the pass is redone).
     res = InputResult(source_id=item.source_id, uri=item.uri)
     state = {"cur": None, "idx": 0, "windows": 0, "dropped": 0}

@@ -232,7 +232,7 @@ class WindowPlanner:
         for c in sorted(set(int(c) for c in cuts)):
             if c <= 0 or (self.cuts and c <= self.cuts[-1]) or c <= self.shot_b:
                 continue  # already known (finish() repeats them)
-            if c <= self._last + (0 if c in exact else self.m):
+            if max(0, c - (0 if c in exact else self.m)) <= self._last:  # a planned frame was in its margin
                 raise LateCut(f"cut at frame {c} reported after frame {self._last} was planned")
             self.cuts.append(c)
             if c in exact:

@@ -144,6 +144,8 @@ def test_window_planner_streams_the_same_windows_and_rejects_late_cuts():
         wp.step(j)
     with pytest.raises(LateCut):
         wp.add_cuts([20])
+    # cuts known before any frame is planned are never late, even within the first margin
+    assert plan_windows(40, [1, 20], 10.0, min_duration=1.5, max_duration=2.0, margin=0.2)[0] == [(3, 18), (22, 40)]
 
 
 def test_process_video_cuts_scores_and_encodes(corpus):
