@@ -1,0 +1,213 @@
+"""Which demo design choices make direction learnable? A fast in-memory ablation of the demo recipe.
+
+The full demo (`vchitect demo`) spends minutes on curation and runs the 2-rank trainer; to compare
+design levers quickly this script trains the real demo transformer (`VchitectTransformer3DModel`,
+demo preset shape) in one process on clips drawn in memory the way the demo's curated clips look
+(shapes moving 15 % → 85 % along an axis at one of three fixed cross positions, the loader's
+random start within the clip, 16×16 after area downscaling from 128 px), with the frozen MiniLM
+text encoder (embeddings of the 72-caption vocabulary computed once), rectified flow, AdamW with
+warm-up and cosine decay, EMA 0.99. At every ``--eval-every`` steps it samples every colour × shape
+× direction prompt with the Euler sampler and classifier-free guidance, and scores them with the
+demo's probe (`vchitect/eval/probe.py`), separately on training and held-out combinations.
+
+    python benchmarks/demo_ablation.py --steps 400                        # the demo's recipe
+    python benchmarks/demo_ablation.py --frame-pos-embed sincos --shift 3 --batch 8 --steps 1600
+    python benchmarks/demo_ablation.py --prediction sample --shift 3       # x-prediction
+    python benchmarks/demo_ablation.py --text-layer 2                     # an earlier MiniLM layer
+
+Figures: benchmarks/RESULTS.md (Demo). ``--save DIR`` writes the sampled videos (.npy) and a
+contact sheet per evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipeline.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, caption_for, draw_shape  # noqa: E402
+from vchitect.demo import text_encoder_path  # noqa: E402
+from vchitect.demo_corpus import HELD_OUT, OFFSETS, RADIUS, SHOT_LENGTHS, training_combos  # noqa: E402
+from vchitect.diffusion.sampling import TextCondition, flow_sigmas, sample  # noqa: E402
+from vchitect.eval.probe import parse_prompt, probe_video  # noqa: E402
+from vchitect.models.encoders import load_text_encoder  # noqa: E402
+from vchitect.models.transformer import VchitectTransformer3DModel  # noqa: E402
+
+SOURCE = 128  # the demo corpus' frame side before the loader's downscale
+MARGIN = 0.1  # seconds the curation trims at each cut
+
+
+def render_clip(color: str, shape: str, direction: str, background, offset: float, seconds: float,
+                start: float, frames: int, fps: float, size: int) -> np.ndarray:
+    """F×size×size×3 uint8: the demo's trajectory sampled at ``fps`` from ``start`` seconds into the shot."""
+    dx, dy = DIRECTIONS[direction]
+    out = []
+    for k in range(frames):
+        along = 0.15 + 0.7 * min(1.0, (start + k / fps) / seconds)
+        pos = along if (dx > 0 or dy > 0) else 1 - along
+        centre = (SOURCE * pos, SOURCE * offset) if dx else (SOURCE * offset, SOURCE * pos)
+        img = np.empty((SOURCE, SOURCE, 3), np.uint8)
+        img[:] = background
+        draw_shape(img, shape, centre, RADIUS * SOURCE, COLORS[color])
+        out.append(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA))
+    return np.stack(out)
+
+
+class Clips:
+    """Random training clips and their captions (10 % empty: the classifier-free guidance dropout)."""
+
+    def __init__(self, args, seed: int = 0):
+        self.a, self.rng = args, np.random.default_rng(seed)
+        self.combos = [(c, s, d) for c, d in training_combos() for s in SHAPES]
+
+    def batch(self, n: int) -> tuple[torch.Tensor, list[str]]:
+        a, rng = self.a, self.rng
+        xs, caps = [], []
+        for _ in range(n):
+            c, s, d = self.combos[rng.integers(len(self.combos))]
+            seconds = SHOT_LENGTHS[rng.integers(len(SHOT_LENGTHS))]
+            span = (a.frames - 1) / a.fps
+            start = MARGIN + rng.uniform(0, max(0.0, seconds - 2 * MARGIN - span))
+            clip = render_clip(c, s, d, BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
+                               OFFSETS[rng.integers(len(OFFSETS))], seconds, start, a.frames, a.fps, a.size)
+            xs.append(torch.from_numpy(clip).float().permute(3, 0, 1, 2) / 127.5 - 1)
+            caps.append(caption_for(c, s, d) if rng.random() >= 0.1 else "")
+        return torch.stack(xs), caps
+
+
+def caption_table(args) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    enc = load_text_encoder(text_encoder_path(), kind="sentence", max_length=16)
+    caps = sorted({caption_for(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS}) + [""]
+    hidden, mask, pooled = enc.encode(caps)
+    if args.text_layer != -1:  # token states of an earlier layer (pooled stays the sentence embedding)
+        tok = enc.tokenizer(caps, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = enc.model(**tok, output_hidden_states=True).hidden_states[args.text_layer]
+    return {c: (hidden[i], mask[i], pooled[i]) for i, c in enumerate(caps)}
+
+
+def condition(table, prompts: list[str]) -> TextCondition:
+    rows = [table[p] for p in prompts]
+    return TextCondition(torch.stack([r[0] for r in rows]), torch.stack([r[2] for r in rows]),
+                         torch.stack([r[1] for r in rows]))
+
+
+def evaluate(model, ema: dict, table, args, step: int) -> dict:
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(ema)
+    model.eval()
+    prompts = [caption_for(c, s, d) for c in sorted(COLORS) for s in SHAPES for d in sorted(DIRECTIONS)]
+    noise = torch.randn(len(prompts), 3, args.frames, args.size, args.size, generator=torch.Generator().manual_seed(1000))
+    x = sample(model, noise, condition(table, prompts), condition(table, [""] * len(prompts)),
+               sigmas=flow_sigmas(args.sample_steps, shift=args.shift), guidance_scale=args.guidance)
+    model.load_state_dict(live)
+    model.train()
+    if args.size < 16:  # the probe's thresholds are set for ≥ 16 pixels
+        x = x.repeat_interleave(16 // args.size, -1).repeat_interleave(16 // args.size, -2)
+    videos = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()
+    tally = {"train": [0, 0, 0], "held_out": [0, 0, 0]}
+    moving = 0
+    for p, v in zip(prompts, videos):
+        r, truth = probe_video(v), parse_prompt(p)
+        k = "held_out" if (truth["color"], truth["direction"]) in HELD_OUT else "train"
+        tally[k][0] += 1
+        tally[k][1] += r.color == truth["color"]
+        tally[k][2] += r.direction == truth["direction"]
+        moving += r.direction is not None
+    res = {k: {"colour": v[1] / v[0], "direction": v[2] / v[0]} for k, v in tally.items()}
+    res["moving"] = moving / len(prompts)
+    if args.save:
+        out = Path(args.save)
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / f"videos_{step}.npy", videos)
+        rows = [np.concatenate([cv2.resize(f, (64, 64), interpolation=cv2.INTER_NEAREST) for f in vid], 1)
+                for vid in videos[::9][:8]]
+        cv2.imwrite(str(out / f"sheet_{step}.png"), cv2.cvtColor(np.concatenate(rows, 0), cv2.COLOR_RGB2BGR))
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--size", type=int, default=16, help="frame side in pixels")
+    ap.add_argument("--patch", type=int, default=4)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--fps", type=float, default=4.5)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rope-theta", type=float, default=10.0)
+    ap.add_argument("--frame-pos-embed", default="none", choices=["none", "sincos"])
+    ap.add_argument("--prediction", default="velocity", choices=["velocity", "sample"])
+    ap.add_argument("--logit-mean", type=float, default=0.5)
+    ap.add_argument("--shift", type=float, default=1.0, help="timestep shift in training and sampling")
+    ap.add_argument("--text-layer", type=int, default=-1, help="MiniLM hidden-state layer for the tokens")
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--sample-steps", type=int, default=25)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save", default=None, help="folder for sampled videos and contact sheets")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    table = caption_table(args)
+    clips = Clips(args)
+    model = VchitectTransformer3DModel(
+        sample_size=args.size, patch_size=args.patch, in_channels=3, num_layers=args.layers, num_attention_heads=4,
+        attention_head_dim=32, joint_attention_dim=384, pooled_projection_dim=384,
+        pos_embed_max_size=args.size // args.patch, rope_theta=args.rope_theta,
+        frame_pos_embed=args.frame_pos_embed, prediction=args.prediction)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = 20
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        p = (step - warmup) / max(1, args.steps - warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {vars(args)}", flush=True)
+    t0, losses = time.time(), []
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        x0, caps = clips.batch(args.batch)
+        c = condition(table, caps)
+        t = torch.sigmoid(torch.randn(args.batch) + args.logit_mean)
+        t = args.shift * t / (1 + (args.shift - 1) * t)
+        noise = torch.randn_like(x0)
+        tt = t.view(-1, 1, 1, 1, 1)
+        pred = model((1 - tt) * x0 + tt * noise, c.hidden, c.pooled, t * 1000, encoder_attention_mask=c.mask,
+                     return_dict=False)[0]
+        loss = (pred - (noise - x0)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(0.99).add_(v, alpha=0.01)
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            print(f"step {step + 1} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f} s)", flush=True)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            r = evaluate(model, ema, table, args, step + 1)
+            print(f"EVAL step {step + 1}: training combos colour {r['train']['colour']:.0%} direction "
+                  f"{r['train']['direction']:.0%} · held-out colour {r['held_out']['colour']:.0%} direction "
+                  f"{r['held_out']['direction']:.0%} · moving {r['moving']:.0%}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
