@@ -103,7 +103,8 @@ class ClipConfig:
     max_duration: float = setting(10.0, min=0.1, help="longer shots are cut greedily into windows of "
                                   "this length (s); a last piece shorter than min_duration is dropped")
     margin: float = setting(0.1, min=0.0, help="trimmed at each cut (s)")
-    max_size: int = setting(1024, min=16, help="long side cap (px) of the transcoded clip")
+    max_size: int = setting(1920, min=16, help="long side cap (px) of the written clip; 1920 keeps sources "
+                            "up to 1080p at their size, so their clips can be stream-copied")
     fps: Optional[float] = setting(None, min=1.0, help="output fps; null = keep the source fps")
     codec: str = setting("auto", choices=["auto", "libx264", "libopenh264"],
                          help="H.264 encoder; auto = the first available in the PyAV build")
