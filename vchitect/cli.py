@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
@@ -90,7 +91,19 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.resume is not None:
         cfg.train.resume = args.resume
-    return train(cfg)
+    code = train(cfg)
+    if os.environ.get("LOCAL_RANK") is not None:
+        # A launched worker whose run has finished: metrics, checkpoints and the process group are
+        # closed, so skip the interpreter's teardown. Destructors of C++ threads at exit have
+        # aborted finished gloo runs ("terminate called without an active exception", SIGABRT),
+        # which turned a completed job into a failed one (seen in 2-rank and 2-node runs under load).
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_launch(args) -> int:
