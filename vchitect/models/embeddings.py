@@ -3,10 +3,8 @@ table, and the 1D rotary embedding over the frame index used by the temporal bra
 
 from __future__ import annotations
 
-import math
-
 import torch
-from diffusers.models.embeddings import get_2d_sincos_pos_embed
+from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid, get_2d_sincos_pos_embed
 from torch import nn
 
 
@@ -55,14 +53,13 @@ class PatchEmbed(nn.Module):
 
 
 def frame_sincos_table(num_frames: int, dim: int, scaling_factor: float = 1.0, device=None) -> torch.Tensor:
-    """F×dim fp32 table of absolute frame positions: sin of position × 10000^(−2i/dim) in the first half of
-    the channels, cos in the second (the 1D form of the 2D patch table). Positions are divided by
-    ``scaling_factor`` like the RoPE's, so a temporally extended model sees the trained range."""
+    """F×dim fp32 table of absolute frame positions: diffusers' 1D sin-cos embedding (sin in the first
+    half of the channels, cos in the second; the 1D form of the 2D patch table). Positions are divided
+    by ``scaling_factor`` like the RoPE's, so a temporally extended model sees the trained range."""
     if dim % 2:
         raise ValueError(f"the frame position table needs an even width, got {dim}")
-    pos = torch.arange(num_frames, device=device, dtype=torch.float32)[:, None] / scaling_factor
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
-    return torch.cat([torch.sin(pos * freqs), torch.cos(pos * freqs)], dim=1)
+    pos = torch.arange(num_frames, device=device, dtype=torch.float32) / scaling_factor
+    return get_1d_sincos_pos_embed_from_grid(dim, pos, output_type="pt").float()
 
 
 def rope_cos_sin(num_positions: int, head_dim: int, theta: float, scaling_factor: float,
