@@ -41,8 +41,14 @@ from vchitect.eval.probe import parse_prompt, probe_video  # noqa: E402
 from vchitect.models.encoders import load_text_encoder  # noqa: E402
 from vchitect.models.transformer import VchitectTransformer3DModel  # noqa: E402
 
+def cap(args, c: str, s: str, d: str) -> str:
+    return caption_for(c, s, d) if args.captions == "word" else f"a {c} {s} moves from {d}"
+
+
 SOURCE = 128  # the demo corpus' frame side before the loader's downscale
 MARGIN = 0.1  # seconds the curation trims at each cut
+PROBE_SET = None
+START = "edge"
 
 
 def render_clip(color: str, shape: str, direction: str, background, offset: float, seconds: float,
@@ -51,7 +57,8 @@ def render_clip(color: str, shape: str, direction: str, background, offset: floa
     dx, dy = DIRECTIONS[direction]
     out = []
     for k in range(frames):
-        along = 0.15 + 0.7 * min(1.0, (start + k / fps) / seconds)
+        progress = min(1.0, (start + k / fps) / seconds)
+        along = 0.15 + 0.7 * progress if START == "edge" else 0.5 + 0.35 * progress
         pos = along if (dx > 0 or dy > 0) else 1 - along
         centre = (SOURCE * pos, SOURCE * offset) if dx else (SOURCE * offset, SOURCE * pos)
         img = np.empty((SOURCE, SOURCE, 3), np.uint8)
@@ -79,19 +86,30 @@ class Clips:
             clip = render_clip(c, s, d, BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
                                OFFSETS[rng.integers(len(OFFSETS))], seconds, start, a.frames, a.fps, a.size)
             xs.append(torch.from_numpy(clip).float().permute(3, 0, 1, 2) / 127.5 - 1)
-            caps.append(caption_for(c, s, d) if rng.random() >= 0.1 else "")
+            caps.append(cap(a, c, s, d) if rng.random() >= 0.1 else "")
         return torch.stack(xs), caps
 
 
 def caption_table(args) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     enc = load_text_encoder(text_encoder_path(), kind="sentence", max_length=16)
-    caps = sorted({caption_for(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS}) + [""]
+    caps = sorted({cap(args, c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS}) + [""]
     hidden, mask, pooled = enc.encode(caps)
     if args.text_layer != -1:  # token states of an earlier layer (pooled stays the sentence embedding)
         tok = enc.tokenizer(caps, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
         with torch.no_grad():
             hidden = enc.model(**tok, output_hidden_states=True).hidden_states[args.text_layer]
-    return {c: (hidden[i], mask[i], pooled[i]) for i, c in enumerate(caps)}
+    table = {c: (hidden[i], mask[i], pooled[i]) for i, c in enumerate(caps)}
+    if args.oracle_pooled:  # diagnostic: the pooled vector one-hot encodes colour and direction
+        for c in COLORS:
+            for s in SHAPES:
+                for d in DIRECTIONS:
+                    h, m, _ = table[cap(args, c, s, d)]
+                    p = torch.zeros(hidden.shape[-1])
+                    p[sorted(COLORS).index(c)] = 1
+                    p[16 + sorted(DIRECTIONS).index(d)] = 1
+                    table[cap(args, c, s, d)] = (h, m, p)
+        table[""] = (table[""][0], table[""][1], torch.zeros(hidden.shape[-1]))
+    return table
 
 
 def condition(table, prompts: list[str]) -> TextCondition:
@@ -100,23 +118,52 @@ def condition(table, prompts: list[str]) -> TextCondition:
                          torch.stack([r[1] for r in rows]))
 
 
+def swap_gain(model, table, args, probe_set) -> str:
+    """How much the loss rises when a caption's direction (or colour) is swapped, per noise level:
+    a direct measure of whether the model reads each attribute at that t."""
+    x0, combos, noise = probe_set
+    out = []
+    dirs, cols = sorted(DIRECTIONS), sorted(COLORS)
+    with torch.no_grad():
+        for tv in (0.95, 0.8, 0.5, 0.2):
+            t = torch.full((len(combos),), tv)
+            xt = (1 - tv) * x0 + tv * noise
+            res = []
+            for kind in ("true", "dir", "col"):
+                caps = []
+                for c, s, d in combos:
+                    if kind == "dir":
+                        d = dirs[(dirs.index(d) + 1) % 4]
+                    if kind == "col":
+                        c = cols[(cols.index(c) + 1) % len(cols)]
+                    caps.append(cap(args, c, s, d))
+                cnd = condition(table, caps)
+                pred = model(xt, cnd.hidden, cnd.pooled, t * 1000, encoder_attention_mask=cnd.mask, return_dict=False)[0]
+                res.append((pred - (noise - x0)).square().mean().item())
+            out.append(f"t={tv}: {res[0]:.3f} +dir {res[1] - res[0]:+.3f} +col {res[2] - res[0]:+.3f}")
+    return " | ".join(out)
+
+
 def evaluate(model, ema: dict, table, args, step: int) -> dict:
     live = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(ema)
     model.eval()
-    prompts = [caption_for(c, s, d) for c in sorted(COLORS) for s in SHAPES for d in sorted(DIRECTIONS)]
+    combos = [(c, s, d) for c in sorted(COLORS) for s in SHAPES for d in sorted(DIRECTIONS)]
+    prompts = [cap(args, *k) for k in combos]
     noise = torch.randn(len(prompts), 3, args.frames, args.size, args.size, generator=torch.Generator().manual_seed(1000))
     x = sample(model, noise, condition(table, prompts), condition(table, [""] * len(prompts)),
                sigmas=flow_sigmas(args.sample_steps, shift=args.shift), guidance_scale=args.guidance)
+    gains = swap_gain(model, table, args, PROBE_SET) if PROBE_SET else ""
     model.load_state_dict(live)
     model.train()
+    print(f"SWAP step {step}: {gains}", flush=True)
     if args.size < 16:  # the probe's thresholds are set for ≥ 16 pixels
         x = x.repeat_interleave(16 // args.size, -1).repeat_interleave(16 // args.size, -2)
     videos = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()
     tally = {"train": [0, 0, 0], "held_out": [0, 0, 0]}
     moving = 0
-    for p, v in zip(prompts, videos):
-        r, truth = probe_video(v), parse_prompt(p)
+    for p, v in zip(combos, videos):
+        r, truth = probe_video(v), parse_prompt(caption_for(*p))
         k = "held_out" if (truth["color"], truth["direction"]) in HELD_OUT else "train"
         tally[k][0] += 1
         tally[k][1] += r.color == truth["color"]
@@ -150,6 +197,12 @@ def main(argv=None) -> int:
     ap.add_argument("--logit-mean", type=float, default=0.5)
     ap.add_argument("--shift", type=float, default=1.0, help="timestep shift in training and sampling")
     ap.add_argument("--text-layer", type=int, default=-1, help="MiniLM hidden-state layer for the tokens")
+    ap.add_argument("--captions", default="word", choices=["word", "from"],
+                    help="'a red circle moves right' (the corpus' captions) or 'a red circle moves from left to right'")
+    ap.add_argument("--oracle-pooled", action="store_true", help="diagnostic: one-hot colour+direction as pooled")
+    ap.add_argument("--start", default="edge", choices=["edge", "centre"],
+                    help="trajectory 15 %% → 85 %% of the axis, or from the centre 50 %% → 85 %%")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--sample-steps", type=int, default=25)
     ap.add_argument("--eval-every", type=int, default=200)
@@ -157,10 +210,23 @@ def main(argv=None) -> int:
     ap.add_argument("--save", default=None, help="folder for sampled videos and contact sheets")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
+    global START
+    START = args.start
 
     table = caption_table(args)
-    clips = Clips(args)
+    clips = Clips(args, seed=args.seed)
+    global PROBE_SET
+    pc = Clips(args, seed=99)
+    px, combos = [], []
+    for _ in range(48):
+        c, s, d = pc.combos[pc.rng.integers(len(pc.combos))]
+        seconds = SHOT_LENGTHS[1]
+        px.append(torch.from_numpy(render_clip(c, s, d, BACKGROUNDS[pc.rng.integers(len(BACKGROUNDS))], 0.5, seconds,
+                                               0.2, args.frames, args.fps, args.size)).float().permute(3, 0, 1, 2) / 127.5 - 1)
+        combos.append((c, s, d))
+    PROBE_SET = (torch.stack(px), combos, torch.randn(48, 3, args.frames, args.size, args.size,
+                                                      generator=torch.Generator().manual_seed(7)))
     model = VchitectTransformer3DModel(
         sample_size=args.size, patch_size=args.patch, in_channels=3, num_layers=args.layers, num_attention_heads=4,
         attention_head_dim=32, joint_attention_dim=384, pooled_projection_dim=384,

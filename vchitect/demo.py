@@ -39,7 +39,7 @@ class DemoSettings:
     out: Path
     videos: int = 48              # clean multi-shot videos (3 shots each) → ≈ 147 curated clips
     shots: int = 3
-    steps: int = 600              # optimizer steps (batch 32 over 2 ranks): ≈ 8 min uncontended
+    steps: int = 1800             # optimizer steps (batch 8 over 2 ranks)
     sample_steps: int = 25        # Euler steps per sample
     guidance: float = 4.0
     eval_seeds: int = 1           # samples per (colour, shape, direction) prompt of the probe
@@ -90,7 +90,7 @@ def _worth_showing(line: str) -> bool:
 
 
 def _slug(prompt: str) -> str:
-    return "_".join(prompt.replace("a ", "", 1).replace("moves from ", "").split())
+    return "_".join(prompt.replace("a ", "", 1).replace("moves ", "").split())
 
 
 def showcase_prompts() -> list[str]:

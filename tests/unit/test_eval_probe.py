@@ -59,4 +59,6 @@ def test_score_splits_held_out_combinations():
     assert s["train"] == {"n": 1, "color": 1.0, "direction": 1.0, "both": 1.0}
     assert s["held_out"] == {"n": 1, "color": 1.0, "direction": 0.0, "both": 0.0}
     assert parse_prompt("A purple triangle moves from bottom to top.")["direction"] == "bottom to top"
+    assert parse_prompt("a blue square moves up") == {"color": "blue", "shape": "square", "direction": "bottom to top"}
+    assert parse_prompt("a red circle moves sideways") is None
     assert parse_prompt("a cat") is None

@@ -1,4 +1,4 @@
-"""Prompt-following probe for the synthetic vocabulary ("a {colour} {shape} moves from {direction}").
+"""Prompt-following probe for the synthetic vocabulary ("a {colour} {shape} moves {right|left|down|up}").
 
 From the pixels of a generated video alone it measures
 
@@ -21,17 +21,22 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from data_pipeline.synthetic import COLORS, DIRECTIONS
+from data_pipeline.synthetic import COLORS, DIRECTION_WORDS, DIRECTIONS
 
-_PROMPT = re.compile(r"an? (?P<color>\w+) (?P<shape>\w+) moves from (?P<direction>\w+ to \w+)")
+# "moves right" (the captions of data_pipeline.synthetic) or the long form "moves from left to right"
+_PROMPT = re.compile(r"an? (?P<color>\w+) (?P<shape>\w+) moves (?:from (?P<span>\w+ to \w+)|(?P<word>\w+))")
+_BY_WORD = {w: d for d, w in DIRECTION_WORDS.items()}
 
 
 def parse_prompt(prompt: str) -> Optional[dict]:
     """``{"color", "shape", "direction"}`` of a prompt of the synthetic vocabulary, else None."""
     m = _PROMPT.search(prompt.lower())
-    if m is None or m["color"] not in COLORS or m["direction"] not in DIRECTIONS:
+    if m is None:
         return None
-    return m.groupdict()
+    direction = m["span"] or _BY_WORD.get(m["word"])
+    if m["color"] not in COLORS or direction not in DIRECTIONS:
+        return None
+    return {"color": m["color"], "shape": m["shape"], "direction": direction}
 
 
 @dataclass
