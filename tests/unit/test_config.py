@@ -92,3 +92,12 @@ def test_docs_list_every_config_key():
     text = Path("docs/configs.md").read_text()
     missing = [key for key, *_ in describe(Config) if f"`{key}`" not in text]
     assert not missing, f"docs/configs.md lacks {missing}; regenerate it with `vchitect config describe`"
+
+
+def test_demo_preset_builds_its_position_table_for_its_own_patch_grid():
+    # The demo learns where a shape is only if neighbouring patches are far apart in the sin-cos
+    # table: a larger table centre-cropped to the 4×4 grid spaced them 0.25 apart, and the full
+    # demo then made checkered fragments with direction at chance (docs/demo.md, Design).
+    m = load_config("configs/model/demo.yaml").model
+    assert m.pos_embed_max_size == m.sample_size // m.patch_size
+    assert m.frame_pos_embed == "sincos"
