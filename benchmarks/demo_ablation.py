@@ -49,6 +49,7 @@ SOURCE = 128  # the demo corpus' frame side before the loader's downscale
 MARGIN = 0.1  # seconds the curation trims at each cut
 PROBE_SET = None
 START = "edge"
+SHAPE_RADIUS = RADIUS
 
 
 def render_clip(color: str, shape: str, direction: str, background, offset: float, seconds: float,
@@ -63,7 +64,7 @@ def render_clip(color: str, shape: str, direction: str, background, offset: floa
         centre = (SOURCE * pos, SOURCE * offset) if dx else (SOURCE * offset, SOURCE * pos)
         img = np.empty((SOURCE, SOURCE, 3), np.uint8)
         img[:] = background
-        draw_shape(img, shape, centre, RADIUS * SOURCE, COLORS[color])
+        draw_shape(img, shape, centre, SHAPE_RADIUS * SOURCE, COLORS[color])
         out.append(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA))
     return np.stack(out)
 
@@ -203,6 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--start", default="edge", choices=["edge", "centre"],
                     help="trajectory 15 %% → 85 %% of the axis, or from the centre 50 %% → 85 %%")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--radius", type=float, default=RADIUS, help="shape radius, fraction of the frame side")
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--sample-steps", type=int, default=25)
     ap.add_argument("--eval-every", type=int, default=200)
@@ -211,8 +213,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    global START
-    START = args.start
+    global START, SHAPE_RADIUS
+    START, SHAPE_RADIUS = args.start, args.radius
 
     table = caption_table(args)
     clips = Clips(args, seed=args.seed)
