@@ -10,10 +10,16 @@ warm-up and cosine decay, EMA 0.99. At every ``--eval-every`` steps it samples e
 × direction prompt with the Euler sampler and classifier-free guidance, and scores them with the
 demo's probe (`vchitect/eval/probe.py`), separately on training and held-out combinations.
 
-    python benchmarks/demo_ablation.py --steps 400                        # the demo's recipe
-    python benchmarks/demo_ablation.py --frame-pos-embed sincos --shift 3 --batch 8 --steps 1600
-    python benchmarks/demo_ablation.py --prediction sample --shift 3       # x-prediction
-    python benchmarks/demo_ablation.py --text-layer 2                     # an earlier MiniLM layer
+    # the demo's recipe (configs/*/demo.yaml, shape radius of vchitect.demo_corpus)
+    python benchmarks/demo_ablation.py --frame-pos-embed sincos --shift 3 --batch 8 --steps 1800 --eval-every 300
+    ... --captions from          # the old captions ("moves from left to right")
+    ... --radius 0.22 --seed 1   # smaller shapes, another seed
+    ... --start centre           # every shape starts at the centre
+    ... --oracle-pooled          # diagnostic: one-hot colour + direction as the pooled vector
+    ... --prediction sample      # x-prediction; --text-layer 2: an earlier MiniLM layer
+
+Every evaluation also prints a ``SWAP`` line: the loss increase when every caption's direction
+(or colour) word is replaced by another, at t = 0.95, 0.8, 0.5, 0.2 (0.000: the word is ignored).
 
 Figures: benchmarks/RESULTS.md (Demo). ``--save DIR`` writes the sampled videos (.npy) and a
 contact sheet per evaluation.
