@@ -43,36 +43,34 @@ from data_pipeline.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, cap
 from vchitect.demo import text_encoder_path  # noqa: E402
 from vchitect.demo_corpus import HELD_OUT, OFFSETS, RADIUS, SHOT_LENGTHS, training_combos  # noqa: E402
 from vchitect.diffusion.sampling import TextCondition, flow_sigmas, sample  # noqa: E402
-from vchitect.eval.probe import parse_prompt, probe_video  # noqa: E402
+from vchitect.eval.probe import probe_video, score  # noqa: E402
 from vchitect.models.encoders import load_text_encoder  # noqa: E402
 from vchitect.models.transformer import VchitectTransformer3DModel  # noqa: E402
+
+SOURCE = 128  # the demo corpus' frame side before the loader's downscale
+MARGIN = 0.1  # seconds the curation trims at each cut
+
 
 def cap(args, c: str, s: str, d: str) -> str:
     return caption_for(c, s, d) if args.captions == "word" else f"a {c} {s} moves from {d}"
 
 
-SOURCE = 128  # the demo corpus' frame side before the loader's downscale
-MARGIN = 0.1  # seconds the curation trims at each cut
-PROBE_SET = None
-START = "edge"
-SHAPE_RADIUS = RADIUS
-
-
-def render_clip(color: str, shape: str, direction: str, background, offset: float, seconds: float,
-                start: float, frames: int, fps: float, size: int) -> np.ndarray:
-    """F×size×size×3 uint8: the demo's trajectory sampled at ``fps`` from ``start`` seconds into the shot."""
+def render_clip(args, color: str, shape: str, direction: str, background, offset: float, seconds: float,
+                start: float) -> np.ndarray:
+    """F×size×size×3 uint8: the demo's trajectory sampled at ``args.fps`` from ``start`` seconds into
+    the shot (15 % → 85 % of the axis, or 50 % → 85 % with ``--start centre``)."""
     dx, dy = DIRECTIONS[direction]
     out = []
-    for k in range(frames):
-        progress = min(1.0, (start + k / fps) / seconds)
-        along = 0.15 + 0.7 * progress if START == "edge" else 0.5 + 0.35 * progress
+    for k in range(args.frames):
+        progress = min(1.0, (start + k / args.fps) / seconds)
+        along = 0.15 + 0.7 * progress if args.start == "edge" else 0.5 + 0.35 * progress
         pos = along if (dx > 0 or dy > 0) else 1 - along
         centre = (SOURCE * pos, SOURCE * offset) if dx else (SOURCE * offset, SOURCE * pos)
         img = np.empty((SOURCE, SOURCE, 3), np.uint8)
         img[:] = background
-        draw_shape(img, shape, centre, SHAPE_RADIUS * SOURCE, COLORS[color])
-        out.append(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA))
-    return np.stack(out)
+        draw_shape(img, shape, centre, args.radius * SOURCE, COLORS[color])
+        out.append(cv2.resize(img, (args.size, args.size), interpolation=cv2.INTER_AREA))
+    return torch.from_numpy(np.stack(out)).float().permute(3, 0, 1, 2) / 127.5 - 1  # C×F×H×W in [-1, 1]
 
 
 class Clips:
@@ -90,11 +88,23 @@ class Clips:
             seconds = SHOT_LENGTHS[rng.integers(len(SHOT_LENGTHS))]
             span = (a.frames - 1) / a.fps
             start = MARGIN + rng.uniform(0, max(0.0, seconds - 2 * MARGIN - span))
-            clip = render_clip(c, s, d, BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
-                               OFFSETS[rng.integers(len(OFFSETS))], seconds, start, a.frames, a.fps, a.size)
-            xs.append(torch.from_numpy(clip).float().permute(3, 0, 1, 2) / 127.5 - 1)
+            xs.append(render_clip(a, c, s, d, BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
+                                  OFFSETS[rng.integers(len(OFFSETS))], seconds, start))
             caps.append(cap(a, c, s, d) if rng.random() >= 0.1 else "")
         return torch.stack(xs), caps
+
+    def swap_set(self, n: int = 48) -> tuple[torch.Tensor, list[tuple[str, str, str]], torch.Tensor]:
+        """``n`` fixed clips (centred across the axis, 2 s shots, 0.2 s in), their (colour, shape,
+        direction) and fixed noise: the inputs of :func:`swap_gain`."""
+        combos, clips = [], []
+        for _ in range(n):
+            c, s, d = self.combos[self.rng.integers(len(self.combos))]
+            combos.append((c, s, d))
+            clips.append(render_clip(self.a, c, s, d, BACKGROUNDS[self.rng.integers(len(BACKGROUNDS))], 0.5,
+                                     SHOT_LENGTHS[1], 0.2))
+        x0 = torch.stack(clips)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+        return x0, combos, noise
 
 
 def caption_table(args) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -151,33 +161,24 @@ def swap_gain(model, table, args, probe_set) -> str:
     return " | ".join(out)
 
 
-def evaluate(model, ema: dict, table, args, step: int) -> dict:
+def evaluate(model, ema: dict, table, args, step: int, swap_set) -> dict:
     live = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(ema)
     model.eval()
-    combos = [(c, s, d) for c in sorted(COLORS) for s in SHAPES for d in sorted(DIRECTIONS)]
-    prompts = [cap(args, *k) for k in combos]
+    prompts = [cap(args, c, s, d) for c in sorted(COLORS) for s in SHAPES for d in sorted(DIRECTIONS)]
     noise = torch.randn(len(prompts), 3, args.frames, args.size, args.size, generator=torch.Generator().manual_seed(1000))
     x = sample(model, noise, condition(table, prompts), condition(table, [""] * len(prompts)),
                sigmas=flow_sigmas(args.sample_steps, shift=args.shift), guidance_scale=args.guidance)
-    gains = swap_gain(model, table, args, PROBE_SET) if PROBE_SET else ""
+    gains = swap_gain(model, table, args, swap_set)
     model.load_state_dict(live)
     model.train()
     print(f"SWAP step {step}: {gains}", flush=True)
     if args.size < 16:  # the probe's thresholds are set for ≥ 16 pixels
         x = x.repeat_interleave(16 // args.size, -1).repeat_interleave(16 // args.size, -2)
     videos = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()
-    tally = {"train": [0, 0, 0], "held_out": [0, 0, 0]}
-    moving = 0
-    for p, v in zip(combos, videos):
-        r, truth = probe_video(v), parse_prompt(caption_for(*p))
-        k = "held_out" if (truth["color"], truth["direction"]) in HELD_OUT else "train"
-        tally[k][0] += 1
-        tally[k][1] += r.color == truth["color"]
-        tally[k][2] += r.direction == truth["direction"]
-        moving += r.direction is not None
-    res = {k: {"colour": v[1] / v[0], "direction": v[2] / v[0]} for k, v in tally.items()}
-    res["moving"] = moving / len(prompts)
+    results = [probe_video(v) for v in videos]
+    res = score(prompts, results, HELD_OUT)  # the probe parses both caption forms
+    res["moving"] = sum(r.direction is not None for r in results) / len(results)
     if args.save:
         out = Path(args.save)
         out.mkdir(parents=True, exist_ok=True)
@@ -219,22 +220,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    global START, SHAPE_RADIUS
-    START, SHAPE_RADIUS = args.start, args.radius
 
     table = caption_table(args)
     clips = Clips(args, seed=args.seed)
-    global PROBE_SET
-    pc = Clips(args, seed=99)
-    px, combos = [], []
-    for _ in range(48):
-        c, s, d = pc.combos[pc.rng.integers(len(pc.combos))]
-        seconds = SHOT_LENGTHS[1]
-        px.append(torch.from_numpy(render_clip(c, s, d, BACKGROUNDS[pc.rng.integers(len(BACKGROUNDS))], 0.5, seconds,
-                                               0.2, args.frames, args.fps, args.size)).float().permute(3, 0, 1, 2) / 127.5 - 1)
-        combos.append((c, s, d))
-    PROBE_SET = (torch.stack(px), combos, torch.randn(48, 3, args.frames, args.size, args.size,
-                                                      generator=torch.Generator().manual_seed(7)))
+    swap_set = Clips(args, seed=99).swap_set()
     model = VchitectTransformer3DModel(
         sample_size=args.size, patch_size=args.patch, in_channels=3, num_layers=args.layers, num_attention_heads=4,
         attention_head_dim=32, joint_attention_dim=384, pooled_projection_dim=384,
@@ -276,9 +265,9 @@ def main(argv=None) -> int:
         if (step + 1) % 50 == 0:
             print(f"step {step + 1} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f} s)", flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            r = evaluate(model, ema, table, args, step + 1)
-            print(f"EVAL step {step + 1}: training combos colour {r['train']['colour']:.0%} direction "
-                  f"{r['train']['direction']:.0%} · held-out colour {r['held_out']['colour']:.0%} direction "
+            r = evaluate(model, ema, table, args, step + 1, swap_set)
+            print(f"EVAL step {step + 1}: training combos colour {r['train']['color']:.0%} direction "
+                  f"{r['train']['direction']:.0%} · held-out colour {r['held_out']['color']:.0%} direction "
                   f"{r['held_out']['direction']:.0%} · moving {r['moving']:.0%}", flush=True)
     return 0
 
