@@ -117,6 +117,29 @@ def test_half_written_checkpoint_is_ignored(reference, tmp_path):
                         load_tensors(reference / "checkpoints" / "step-000000012"))
 
 
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
+    """A truncated shard in the newest checkpoint: auto-resume says so once and resumes from the one
+    before, to the same result; naming the damaged folder explicitly is one clean error (exit 2)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", run / "checkpoints")
+    bad = run / "checkpoints" / "step-000000012"
+    shard = sorted(bad.glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bad, damaged / "step-000000012")
+    cfg = write_config(tmp_path, train={"output_dir": str(run)})
+    r = vchitect("train", cfg, nproc=2)
+    passed = [line for line in r.stderr.splitlines() if "passing over checkpoint" in line]
+    assert len(passed) == 1 and "step-000000012" in passed[0] and shard.name in passed[0], r.stderr[-2000:]
+    assert "resumed from" in r.stderr and "step-000000006" in r.stderr
+    assert losses(run) == losses(reference)
+    assert_same_tensors(load_tensors(bad), load_tensors(reference / "checkpoints" / "step-000000012"))
+    r = vchitect("train", cfg, f"train.resume={damaged / 'step-000000012'}", nproc=2, check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    assert shard.name in r.stdout and "cannot be resumed from" in r.stdout
+
+
 def test_sigterm_checkpoints_exits_75_and_resumes_to_the_same_result(reference, tmp_path):
     run = tmp_path / "run"
     cfg = write_config(tmp_path, train={"output_dir": str(run), "checkpoint_every": 0})

@@ -46,12 +46,15 @@ def test_find_checkpoint_picks_the_newest_complete_step(ckpt, tmp_path):
     partial.mkdir(parents=True)
     with pytest.raises(ExportError, match="incomplete"):
         find_checkpoint(partial)
-    with pytest.raises(ExportError, match="no complete checkpoint"):
+    with pytest.raises(ExportError, match="no checkpoint under .* verifies"):
         find_checkpoint(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="no complete checkpoint"):
+        find_checkpoint(tmp_path / "empty")
     no_json = tmp_path / "checkpoints" / "step-000000400"
     no_json.mkdir()
     (no_json / ".metadata").write_bytes(b"")
-    with pytest.raises(ExportError, match="vchitect.json missing"):
+    with pytest.raises(ExportError, match="vchitect.json is missing"):
         find_checkpoint(no_json)
 
 

@@ -23,7 +23,8 @@ class SyntheticLoader:
         self.videos = [b for b in buckets if not b.is_image] or buckets
         self.images = [b for b in buckets if b.is_image]
         self.step = 0
-        self._t0, self._samples = None, 0
+        self._t0, self._samples = None, 0  # for the rate: samples since this loader was built
+        self.total_samples = 0  # every sample delivered, resumes included (checkpointed)
 
     def _bucket(self, g: torch.Generator) -> Bucket:
         pool = self.images if self.images and torch.rand((), generator=g) < self.cfg.image_ratio \
@@ -55,15 +56,17 @@ class SyntheticLoader:
             batch = self.make_batch(self.step)
             self.step += 1
             self._samples += len(batch["keys"])
+            self.total_samples += len(batch["keys"])
             yield batch
 
     def state_dict(self) -> dict:
-        return {"synthetic_step": self.step}
+        return {"synthetic_step": self.step, "samples": self.total_samples}
 
     def load_state_dict(self, sd: dict) -> None:
         self.step = int(sd["synthetic_step"])
+        self.total_samples = int(sd.get("samples", 0))
 
     def metrics(self) -> dict:
         elapsed = time.perf_counter() - self._t0 if self._t0 else 0.0
-        return {"data/samples": self._samples, "data/batches": self.step, "data/skipped": 0,
+        return {"data/samples": self.total_samples, "data/batches": self.step, "data/skipped": 0,
                 "data/samples_per_s": self._samples / elapsed if elapsed else 0.0}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -41,28 +40,33 @@ class ExportError(RuntimeError):
 
 
 # ------------------------------------------------------------------ finding and reading checkpoints
-def is_complete(step_dir: Path) -> bool:
-    return (step_dir.is_dir() and not step_dir.name.endswith(".tmp") and (step_dir / ".metadata").is_file()
-            and (step_dir / CHECKPOINT_META).is_file())
+def _warn(msg: str) -> None:
+    import sys
+
+    print(f"warning: {msg}", file=sys.stderr)
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A complete ``step-…`` folder: ``path`` itself, or the newest one under ``path`` or ``path/checkpoints``."""
+def find_checkpoint(path: str | Path, say=_warn) -> Path:
+    """A ``step-…`` folder that verifies (vchitect.train.checkpoint.verify): ``path`` itself, or the
+    newest one under ``path`` or ``path/checkpoints``, with one line through ``say`` for every newer
+    folder passed over and why."""
+    from vchitect.train.checkpoint import find_verified, step_folders, verify
+
     p = Path(path)
     if not p.exists():
         raise ExportError(f"checkpoint {p} does not exist; pass a step-… folder, a checkpoints/ folder or a run folder")
     if p.name.startswith("step-"):
-        if p.name.endswith(".tmp"):
-            raise ExportError(f"{p} is an incomplete checkpoint (still being written, or the save was interrupted); "
-                              f"export a complete step-… folder next to it")
-        if not is_complete(p):
-            missing = [n for n in (".metadata", CHECKPOINT_META) if not (p / n).is_file()]
-            raise ExportError(f"{p} is an incomplete checkpoint: {', '.join(missing)} missing. Export another step")
+        reason = verify(p)
+        if reason:
+            kind = "an incomplete" if p.name.endswith(".tmp") or "missing" in reason else "a damaged"
+            raise ExportError(f"{p} is {kind} checkpoint: {reason}. Export another step")
         return p
     for folder in (p / "checkpoints", p):
-        steps = sorted(d for d in folder.glob("step-*") if is_complete(d)) if folder.is_dir() else []
-        if steps:
-            return steps[-1]
+        if step_folders(folder):
+            found = find_verified(folder, say=say)
+            if found is not None:
+                return found
+            raise ExportError(f"no checkpoint under {folder} verifies (see the lines above); export cannot use any")
     raise ExportError(f"no complete checkpoint (step-… folder with .metadata and {CHECKPOINT_META}) under {p}")
 
 
@@ -81,12 +85,12 @@ def load_weights(step_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
 
     With ``ema``, the EMA entries replace the model entries they exist for (EMA covers trainable
     parameters only; frozen ones and buffers come from ``model``)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(step_dir))
+    from vchitect.train import safe_dcp
+
     try:
-        metadata = reader.read_metadata()
+        metadata = safe_dcp.read_metadata(step_dir)
     except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable checkpoint
         raise ExportError(f"{step_dir}/.metadata cannot be read ({exc}); the checkpoint is damaged") from None
     wanted: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}}
@@ -101,9 +105,7 @@ def load_weights(step_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     if ema and not wanted["ema"]:
         raise ExportError(f"{step_dir} holds no EMA weights (train.ema_decay was 0); export without --ema")
     state = {k: v for k, v in wanted.items() if v}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(step_dir)), no_dist=True)
+    safe_dcp.load(state, step_dir, no_dist=True)
     weights = dict(state["model"])
     if ema:
         weights.update(state["ema"])

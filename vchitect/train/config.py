@@ -57,8 +57,12 @@ class TrainConfig:
     checkpoint_every: int = setting(500, min=0, help="save every N steps (0 = only at the end)")
     keep_checkpoints: int = setting(3, min=1, help="keep the newest K complete checkpoints")
     async_checkpoint: bool = setting(True, help="save in the background on GPU (CPU runs save synchronously)")
-    resume: str = setting("auto", help="auto: newest complete checkpoint in output_dir (if any); none: "
-                          "start fresh; or a path to a step-… folder")
+    checkpoint_checksums: bool = setting(True, help="record a SHA-256 of every checkpoint file and check it "
+                                         "before resuming or exporting (false: sizes only; hashing is shared "
+                                         "by all ranks)")
+    resume: str = setting("auto", help="auto: newest checkpoint in output_dir that verifies (newer damaged or "
+                          "unfinished ones are passed over, each with a line saying why); none: start fresh; or "
+                          "a path to a step-… folder, which must verify")
     log_every: int = setting(10, min=1, help="log metrics every N steps")
     peak_flops: float = setting(0.0, min=0.0, help="dense bf16 FLOP/s of one device for MFU; 0 = from the "
                                 "GPU name (H100/H800/H200/A100/…); on CPU achieved FLOP/s is reported")
@@ -70,12 +74,14 @@ class TrainConfig:
     device: str = setting("auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     simulate_crash: str = setting("", help="fault injection for resume tests: 'after_save:N' kills every rank "
                                   "(SIGKILL) once checkpoint N is complete; 'in_save:N' kills them after the "
-                                  "shards of checkpoint N are written but before it is renamed complete")
+                                  "shards of checkpoint N are written but before it is renamed complete; "
+                                  "'at_step:N' kills them once step N is done and logged (between checkpoints)")
 
     def validate(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas={self.betas!r}: give two numbers in [0, 1), e.g. [0.9, 0.999]")
-        if self.simulate_crash and not re.fullmatch(r"(after_save|in_save):\d+", self.simulate_crash):
-            raise ConfigError(f"train.simulate_crash={self.simulate_crash!r}: use after_save:N or in_save:N")
+        if self.simulate_crash and not re.fullmatch(r"(after_save|in_save|at_step):\d+", self.simulate_crash):
+            raise ConfigError(f"train.simulate_crash={self.simulate_crash!r}: use after_save:N, in_save:N or "
+                              f"at_step:N")
         if self.init_from and not self.init_from.startswith(("vchitect2:", "sd3:")):
             raise ConfigError(f"train.init_from={self.init_from!r}: prefix the path with vchitect2: or sd3:")

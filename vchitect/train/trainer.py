@@ -13,6 +13,7 @@ gradient clip → skip if non-finite → optimizer, schedule, EMA → metrics �
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -24,13 +25,14 @@ import torch.distributed as dist
 from rich.console import Console
 
 from launch.local import free_port
-from vchitect.config import Config, to_dict, to_yaml
+from vchitect.config import Config, ConfigError, to_dict, to_yaml
 from vchitect.diffusion.objective import (NullText, drop_text, rectified_flow_loss, sample_noise, sample_timesteps)
 from vchitect.models import VchitectTransformer3DModel
 from vchitect.models.flops import train_step_flops
 from vchitect.parallel import clip_grad_norm_, generator_for_rank, manual_seed, parallelize, total_grad_norm
 
-from .checkpoint import Checkpointer, read_meta, rng_state, set_rng_state
+from .checkpoint import CheckpointError, Checkpointer, read_meta, rng_state, set_rng_state
+from .safe_dcp import UnsafeCheckpointError, read_metadata
 from .ema import EMA
 from .metrics import MetricWriter, device_peak_flops, peak_memory_gib
 from .optim import apply_trainable, build_optimizer, build_scheduler
@@ -111,7 +113,7 @@ class Trainer:
         # --- checkpoints, metrics, signals
         self.checkpointer = Checkpointer(self.out / "checkpoints", tc.keep_checkpoints,
                                          async_save=tc.async_checkpoint and self.device_type == "cuda",
-                                         simulate_crash=tc.simulate_crash)
+                                         simulate_crash=tc.simulate_crash, checksums=tc.checkpoint_checksums)
         self.step = 0
         self.writer = MetricWriter(self.out, self.rank == 0, tc.tensorboard, tc.wandb.mode, tc.wandb.project,
                                    to_dict(cfg), printer=self.console.print if tc.progress else print)
@@ -146,12 +148,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint state
     def _state(self) -> dict:
+        """What a checkpoint holds. The data-loader and RNG states are single JSON strings, which DCP
+        stores and restores whole, whatever the resuming run's loader holds at that moment."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optimizer": optim_sd,
                  "lr_scheduler": self.scheduler.state_dict(), "step": self.step,
-                 f"dataloader_dp{self.dims.dp_rank}": self.loader.state_dict(),
+                 f"dataloader_dp{self.dims.dp_rank}": json.dumps(self.loader.state_dict()),
                  f"rng_rank{self.rank}": rng_state()}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -166,10 +170,22 @@ class Trainer:
         path = self.checkpointer.resolve_resume(self.cfg.train.resume)
         if path is None:
             return
+        try:
+            self._restore(path)
+        except (CheckpointError, UnsafeCheckpointError) as exc:
+            raise ConfigError(f"cannot resume from {path}: {exc}. Resume from another step-… folder "
+                              f"(train.resume=PATH) or start fresh (train.resume=none)") from None
+        self.resumed_from = path
+
+    def _restore(self, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        present = set(read_metadata(path).state_dict_metadata)
         state = self._state()
         own_loader_key = f"dataloader_dp{self.dims.dp_rank}"
+        # the loader state of a DP rank the saving run did not have: take rank 0's (restarts its epoch)
+        loader_key = own_loader_key if own_loader_key in present else "dataloader_dp0"
+        state[loader_key] = state.pop(own_loader_key)
         state = self.checkpointer.load(path, state)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
@@ -178,17 +194,19 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.step = int(state["step"])
         meta = read_meta(path)
-        same_world = meta["world_size"] == dist.get_world_size()
-        loader_state = state.get(own_loader_key)
-        if loader_state is None:  # fewer DP ranks saved than now: take rank 0's and restart its epoch
-            loader_state = self.checkpointer.load(path, {"dataloader_dp0": self.loader.state_dict()})[
-                "dataloader_dp0"]
-        self.loader.load_state_dict(loader_state)
+        if loader_key in present:
+            try:
+                loader_state = json.loads(state[loader_key])
+            except (TypeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"its {loader_key} entry is not JSON ({exc})") from None
+            self.loader.load_state_dict(loader_state)
+        else:
+            log.warning("%s has no data-loader state vchitect can read (saved by an older version?): the data "
+                        "stream starts from the beginning", path)
         rng_key = f"rng_rank{self.rank}"
-        if same_world and rng_key in state:
+        if meta.get("world_size") == dist.get_world_size() and rng_key in present:
             set_rng_state(state[rng_key])
-        self.resumed_from = path
-        log.info("resumed from %s at step %d (saved on %d ranks as %s)", path, self.step, meta["world_size"],
+        log.info("resumed from %s at step %d (saved on %s ranks as %s)", path, self.step, meta.get("world_size"),
                  meta.get("layout"))
 
     # ------------------------------------------------------------------ one optimizer step
@@ -276,6 +294,7 @@ class Trainer:
                     self._validate()
                 if (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or self.step == tc.steps:
                     self.save_checkpoint()
+                self.checkpointer.crash_if("at_step", self.step)
                 if self.preemption.agreed(self.device):
                     log.warning("preemption signal received: saving step %d and exiting with %d", self.step,
                                 EXIT_PREEMPTED)
