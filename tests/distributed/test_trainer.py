@@ -132,7 +132,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp
     passed = [line for line in r.stderr.splitlines() if "passing over checkpoint" in line]
     assert len(passed) == 1 and "step-000000012" in passed[0] and shard.name in passed[0], r.stderr[-2000:]
     assert "resumed from" in r.stderr and "step-000000006" in r.stderr
-    assert losses(run) == losses(reference)
+    assert losses(run) == {s: v for s, v in losses(reference).items() if s > 6}
     assert_same_tensors(load_tensors(bad), load_tensors(reference / "checkpoints" / "step-000000012"))
     r = vchitect("train", cfg, f"train.resume={damaged / 'step-000000012'}", nproc=2, check=False)
     assert r.returncode == 2, r.stderr[-3000:]
