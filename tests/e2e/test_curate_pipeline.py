@@ -15,6 +15,8 @@ import time
 import pytest
 import yaml
 
+from tests.helpers_curate import crafted_pickle
+
 from data_pipeline import synthetic
 from data_pipeline.config import load_curate_config
 from data_pipeline.testing import save_tiny_blip, save_tiny_latent_models, write_bad_inputs
@@ -78,6 +80,15 @@ def _samples(out):
                 key, ext = m.name.split(".", 1)
                 samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
     return samples
+
+
+def _same_outputs(out, ref) -> None:
+    """Shards, index.json and rejected.jsonl byte for byte as in ``ref``; nothing else left over."""
+    names = sorted(n for n in os.listdir(ref) if n.endswith(".tar")) + ["index.json", "rejected.jsonl"]
+    assert sorted(n for n in os.listdir(out) if n.endswith(".tar")) == names[:-2]
+    for n in names:
+        assert (out / n).read_bytes() == open(os.path.join(ref, n), "rb").read(), n
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
 
 
 def _truth_shot(truth, uri, start, end):
@@ -306,12 +317,12 @@ def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, tmp_path):
     # 1. kill while inputs are being processed (this run starts its own local Ray; the next ones
     #    join the test's cluster with --address)
     p = _cli(str(cfg_path))
-    # (a finished record is a .pkl; a .tmp- file is one being written, gone if the kill lands now)
-    assert _wait_for(lambda: done.exists() and any(f.suffix == ".pkl" for f in done.iterdir()), p), \
+    # (a finished record is a .json; a .tmp- file is one being written, gone if the kill lands now)
+    assert _wait_for(lambda: done.exists() and any(f.suffix == ".json" for f in done.iterdir()), p), \
         p.communicate()[0].decode()[-3000:]
     p.send_signal(signal.SIGKILL)
     p.wait()
-    first = {f.name: f.stat().st_mtime_ns for f in done.iterdir() if f.suffix == ".pkl"}
+    first = {f.name: f.stat().st_mtime_ns for f in done.iterdir() if f.suffix == ".json"}
     assert 0 < len(first) < n_inputs
     assert not (out / "_SUCCESS").exists()
 
@@ -331,12 +342,46 @@ def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, tmp_path):
     # inputs finished before a kill were not processed again
     for name, mtime in first.items():
         assert (done / name).stat().st_mtime_ns == mtime
-    names = sorted(n for n in os.listdir(ref) if n.endswith(".tar")) + ["index.json", "rejected.jsonl"]
-    assert sorted(n for n in os.listdir(out) if n.endswith(".tar")) == names[:-2]
-    for n in names:
-        assert (out / n).read_bytes() == open(os.path.join(ref, n), "rb").read(), n
+    _same_outputs(out, ref)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["counts"] == curated["stats"]["counts"]
     assert stats["rejected_by_reason"] == curated["stats"]["rejected_by_reason"]
     assert stats["this_run"]["resumed_inputs"] + stats["this_run"]["processed_inputs"] == n_inputs
     assert stats["this_run"]["resumed_inputs"] >= len(first)
+
+
+def test_crafted_completion_records_are_redone_never_executed(curated, ray_cluster, tmp_path):
+    """Records planted under _work/done/ by anyone who can write the output: a pickle that would
+    create a file when unpickled, as an old-format .pkl and as a .json; a JSON record that does not
+    match the schema. The rerun creates no file, redoes those inputs and packs the same bytes."""
+    import shutil
+
+    from data_pipeline.pipeline import run
+
+    ref, root = curated["out"], curated["root"]
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    done = out / "_work" / "done"
+    ids = sorted(p.stem for p in done.glob("*.json"))
+    video, empty, text = (next(i for i in ids if i.startswith(p)) for p in ("video_0001", "corrupt_empty",
+                                                                             "corrupt_text"))
+    marker = tmp_path / "marker"
+    evil = crafted_pickle(marker)
+    (done / f"{video}.json").write_bytes(evil)   # not JSON at all
+    (done / f"{video}.pkl").write_bytes(evil)
+    (done / f"{empty}.json").unlink()             # only an old-format record
+    (done / f"{empty}.pkl").write_bytes(evil)
+    rec = json.loads((done / f"{text}.json").read_bytes())
+    rec["rejections"][0]["clip"] = "0"            # JSON, but not the schema
+    (done / f"{text}.json").write_text(json.dumps(rec))
+    lines = []
+    stats = run(load_curate_config(CONFIG, _overrides(root, str(out))), progress=False, echo=lines.append)
+    assert not marker.exists()
+    assert stats["this_run"]["processed_inputs"] == 3
+    assert stats["this_run"]["resumed_inputs"] == len(ids) - 3
+    warnings = [line for line in lines if "warning" in line]
+    assert len(warnings) == 3, warnings  # one per bad JSON record (naming it), one for the .pkl files
+    assert sum(f"{video}.json" in w for w in warnings) == 1 and sum(f"{text}.json" in w for w in warnings) == 1
+    assert any("2 completion record(s) in the old pickle format" in w and "redone" in w for w in warnings)
+    _same_outputs(out, ref)
+    assert not list(done.glob("*.pkl")) and (out / "_SUCCESS").exists()
