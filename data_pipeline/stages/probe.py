@@ -1,7 +1,10 @@
-"""Probe: container metadata from PyAV, without decoding frames.
+"""Probe: container metadata from PyAV, and the display orientation of the first frame.
 
 Rejects (with a reason) inputs that cannot be read, are not video, have no duration, or whose
 frame size is beyond the configured limits, so that nothing downstream allocates frames for them.
+Width and height are the *display* size: a source whose display matrix rotates it (phones record
+portrait video as landscape pictures turned by the matrix) reports its size after rotation, and
+the clip stage turns its frames upright (``rotation``/``mirrored``; ``coded_*``: before rotation).
 """
 
 from __future__ import annotations
@@ -35,9 +38,23 @@ class ProbeResult:
     has_audio: bool
     num_frames: int
     size_bytes: int
+    coded_width: int = 0      # as stored (0: same as width/height)
+    coded_height: int = 0
+    rotation: int = 0         # display matrix: degrees counter-clockwise (0, 90, 180, 270) …
+    mirrored: bool = False    # … then mirrored left-right
+
+    def __post_init__(self):
+        if not self.coded_width:
+            self.coded_width, self.coded_height = self.orientation.display_size(self.width, self.height)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def orientation(self):
+        from ..video import Orientation
+
+        return Orientation(self.rotation, self.mirrored)
 
     @property
     def fps_fraction(self) -> Fraction:
@@ -95,9 +112,32 @@ def probe(path: str, *, max_width: int = 8192, max_height: int = 8192,
             raise Rejected("too_long", f"{duration:.0f}s exceeds {max_duration:.0f}s")
         codec = ctx.name or "unknown"
         has_audio = bool(container.streams.audio)
+        orientation = _first_frame_orientation(container, stream)
+    display_w, display_h = orientation.display_size(width, height)
     return ProbeResult(duration=duration, fps=float(rate), fps_num=rate.numerator,
-                       fps_den=rate.denominator, width=width, height=height, codec=codec,
-                       has_audio=has_audio, num_frames=frames, size_bytes=size)
+                       fps_den=rate.denominator, width=display_w, height=display_h, codec=codec,
+                       has_audio=has_audio, num_frames=frames, size_bytes=size, coded_width=width,
+                       coded_height=height, rotation=orientation.rotation, mirrored=orientation.mirrored)
+
+
+def _first_frame_orientation(container, stream):
+    """The display orientation of the first decoded frame (the display matrix is stream side
+    data that PyAV shows on frames only); upright when no frame decodes here, the clip stage
+    checks every frame against it anyway."""
+    import av
+
+    from ..video import Orientation, frame_orientation
+
+    try:
+        frame = next(iter(container.decode(stream)), None)
+    except (av.error.FFmpegError, OSError):
+        frame = None
+    if frame is None:
+        return Orientation()
+    try:
+        return frame_orientation(frame)
+    except ValueError as exc:
+        raise Rejected("unsupported_rotation", str(exc)) from None
 
 
 def mp4_track_sizes(path: str, max_moov: int = 64 << 20) -> list[tuple[int, int]]:

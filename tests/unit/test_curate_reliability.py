@@ -3,9 +3,12 @@ non-regular inputs and permission errors (issue #14)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
+import av
+import numpy as np
 import pytest
 
 from data_pipeline.stages.clip import Clip, InputResult
@@ -147,3 +150,96 @@ def test_a_data_file_changed_behind_its_record_is_caught_when_read(tmp_path):
     with pytest.raises(RecordError, match="sha256"):
         read_record(out, res.source_id)
     assert DATA in path
+
+
+# ----------------------------------------------------------------------------- rotated sources
+
+
+def _write_oriented(path, frames, rotation: int, hflip: bool = False, fps: int = 12, lossless: bool = False):
+    """An H.264 mp4 of RGB ``frames`` whose display matrix says: turn by ``rotation`` degrees
+    counter-clockwise, then mirror left-right when ``hflip`` (PyAV's ``set_display_rotation``)."""
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w", format="mp4") as out:
+        st = out.add_stream("libx264", rate=fps)
+        st.width, st.height = w, h
+        st.pix_fmt = "yuv444p" if lossless else "yuv420p"
+        st.options = {"qp": "0"} if lossless else {"crf": "18"}
+        st.set_display_rotation(rotation, hflip=hflip)
+        for i, img in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts = i
+            for p in st.encode(f):
+                out.mux(p)
+        for p in st.encode(None):
+            out.mux(p)
+
+
+def _decode_plain(data_or_path):
+    """Frames as the training loader decodes them: plain PyAV, no rotation applied; (frames, matrices)."""
+    src = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else str(data_or_path)
+    with av.open(src) as c:
+        frames = list(c.decode(c.streams.video[0]))
+    return ([f.to_ndarray(format="rgb24") for f in frames],
+            [f.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX) is not None for f in frames])
+
+
+def test_display_matrices_turn_frames_upright_as_pyav_defines_them(tmp_path):
+    from data_pipeline.video import Uprighter, frame_orientation
+
+    coded = np.zeros((48, 64, 3), np.uint8)
+    coded[:8, :16] = 255           # top-left
+    coded[-6:, -4:] = (255, 0, 0)  # bottom-right
+    coded[10:14, 20:50] = (0, 255, 0)
+    for rotation in (0, 90, 180, 270):
+        for hflip in (False, True):
+            path = tmp_path / f"o{rotation}{hflip}.mp4"
+            _write_oriented(path, [coded], rotation, hflip, lossless=True)
+            with av.open(str(path)) as c:
+                frame = next(c.decode(video=0))
+                orientation = frame_orientation(frame)
+                up = Uprighter(orientation)(frame)
+            assert (orientation.rotation, orientation.mirrored) == (rotation, hflip)
+            stored = frame.to_ndarray(format="rgb24")  # the coded picture (≈ coded: RGB → YUV → RGB)
+            assert np.abs(stored.astype(int) - coded).max() < 8
+            want = np.rot90(stored, rotation // 90)  # counter-clockwise …
+            want = want[:, ::-1] if hflip else want  # … then mirrored
+            assert np.array_equal(up.to_ndarray(format="rgb24"), want), (rotation, hflip)
+            assert frame_orientation(up).upright  # the matrix is gone: nothing turns it again
+
+
+def test_rotated_sources_become_upright_clips_at_the_display_size(tmp_path):
+    from data_pipeline.config import load_curate_config
+    from data_pipeline.sources import SourceItem
+    from data_pipeline.stages.clip import process_video
+    from data_pipeline.stages.probe import probe
+
+    w, h = 160, 96  # coded landscape; displayed portrait 96×160 (a phone held upright)
+    frames = []
+    for i in range(30):
+        img = np.full((h, w, 3), 60, np.uint8)
+        img[:24, :32] = 255                        # bright block, coded top-left
+        img[40:60, 40 + 2 * i:60 + 2 * i] = (200, 30, 30)  # something moving
+        frames.append(img)
+    src = tmp_path / "portrait.mp4"
+    _write_oriented(src, frames, 90)
+    raw, matrices = _decode_plain(src)
+    assert all(matrices) and raw[0].shape == (h, w, 3)  # the side data is really in the file
+    pr = probe(str(src))
+    assert (pr.width, pr.height, pr.coded_width, pr.coded_height, pr.rotation) == (96, 160, 160, 96, 90)
+    for mode in ("auto", "never"):  # auto would stream-copy an upright source of this size
+        cfg = load_curate_config(None, ["input.path=/unused", "output.path=/unused", "clip.min_duration=1.0",
+                                        "clip.max_duration=3.0", "filters.min_sharpness=0", "filters.min_motion=0",
+                                        "filters.min_duration=1.0", f"clip.stream_copy={mode}"])
+        res = process_video(str(src), SourceItem(uri=str(src), source_id="portrait"), cfg)
+        assert len(res.clips) == 1, res.rejections
+        clip = res.clips[0]
+        assert (clip.meta["width"], clip.meta["height"]) == (96, 160) and clip.meta["transcode"] != "copy"
+        assert (clip.meta["source"]["width"], clip.meta["source"]["height"], clip.meta["source"]["rotation"]) \
+            == (96, 160, 90)
+        got, matrices = _decode_plain(clip.mp4)
+        assert len(got) == clip.meta["num_frames"] and not any(matrices)  # upright for any reader
+        for img in got:
+            assert img.shape == (160, 96, 3)
+            # counter-clockwise by 90°: the coded top-left corner is displayed bottom-left
+            assert img[136:160, :24].mean() > 200, mode
+            assert max(img[:24, :24].mean(), img[:24, -24:].mean(), img[-24:, -24:].mean()) < 100, mode
