@@ -338,6 +338,11 @@ def finalize(out: str, cfg, source_ids: Iterable[str], *, fingerprint: str, opti
             hashes[(sid, clip.clip)] = clip.phash
     dups = find_duplicates(hashes, cfg.dedup.max_distance) if cfg.dedup.enabled else {}
 
+    # Shards are about to change: withdraw the marker of an earlier packing (first) and its
+    # index, so that a run killed while packing never leaves an output that claims to be complete.
+    for name in ("_SUCCESS", "index.json", "stats.json", "rejected.jsonl"):
+        vio.remove(vio.join(out, name), options)
+
     # Pass 2: shards, in key order.
     writer = ShardWriter(out, cfg.output.prefix, cfg.output.samples_per_shard, cfg.output.max_shard_bytes,
                          options, on_shard=on_shard)

@@ -273,22 +273,44 @@ def test_bad_inputs_and_s3_output(ray_cluster, corpus, blip, s3_server, tmp_path
 # ----------------------------------------------------------------------------- resume
 
 
-def _cli(cfg_path, address=None, kill_after_first_shard=False):
-    args = ["run", cfg_path, "--no-progress"] + (["--address", address] if address else [])
-    if not kill_after_first_shard:
-        code = "import sys; from data_pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
-    else:  # the process SIGKILLs itself right after the first shard file is complete
-        code = ("import os, signal, sys\n"
-                "from data_pipeline import writer\n"
-                "close = writer.ShardWriter._close\n"
-                "def close_then_die(self):\n"
-                "    close(self)\n"
-                "    os.kill(os.getpid(), signal.SIGKILL)\n"
-                "writer.ShardWriter._close = close_then_die\n"
-                "from data_pipeline.cli import main\n"
-                "sys.exit(main(sys.argv[1:]))\n")
+# Code a CLI subprocess runs before `main`: deterministic kill points inside the packing.
+DIE_AFTER_FIRST_SHARD = (  # SIGKILL right after the first shard file is complete
+    "import os, signal\n"
+    "from data_pipeline import writer\n"
+    "close = writer.ShardWriter._close\n"
+    "def close_then_die(self):\n"
+    "    close(self)\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "writer.ShardWriter._close = close_then_die\n")
+DIE_WRITING_SECOND_SHARD = (  # killed in the middle of writing the second shard
+    "import os\n"
+    "from data_pipeline import io as vio\n"
+    "write = vio.write_bytes\n"
+    "def write_or_die(path, data, options=None):\n"
+    "    if path.endswith('-000001.tar'):  # half of it on disk under a temporary name, then gone\n"
+    "        with open(os.path.join(os.path.dirname(path), '.tmp-cut-short'), 'wb') as f:\n"
+    "            f.write(data[: len(data) // 2])\n"
+    "        os._exit(137)\n"
+    "    write(path, data, options)\n"
+    "vio.write_bytes = write_or_die\n")
+
+
+def _cli(cfg_path, address=None, patch=""):
+    args = ["run", str(cfg_path), "--no-progress"] + (["--address", address] if address else [])
+    code = patch + "import sys\nfrom data_pipeline.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
+
+
+def _cfg_file(tmp_path, root, out, *more) -> str:
+    """The synthetic config with ``_overrides(root, out)`` and ``more``, as a YAML file for the CLI."""
+    cfg = {"include": CONFIG}
+    for o in _overrides(root, str(out)) + list(more):
+        section, key = o.split("=", 1)[0].split(".")
+        cfg.setdefault(section, {})[key] = yaml.safe_load(o.split("=", 1)[1])
+    path = tmp_path / f"{os.path.basename(str(out))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
 
 
 def _wait_for(pred, proc, timeout=120.0):
@@ -305,18 +327,13 @@ def _wait_for(pred, proc, timeout=120.0):
 def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, tmp_path):
     root, ref = curated["root"], curated["out"]
     out = tmp_path / "resumed"
-    cfg = {"include": CONFIG}
-    for o in _overrides(root, str(out)) + ["ray.batch_size=1"]:
-        section, key = o.split("=", 1)[0].split(".")
-        cfg.setdefault(section, {})[key] = yaml.safe_load(o.split("=", 1)[1])
-    cfg_path = tmp_path / "resume.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
+    cfg_path = _cfg_file(tmp_path, root, out, "ray.batch_size=1")
     done = out / "_work" / "done"
     n_inputs = curated["stats"]["counts"]["inputs"]
 
     # 1. kill while inputs are being processed (this run starts its own local Ray; the next ones
     #    join the test's cluster with --address)
-    p = _cli(str(cfg_path))
+    p = _cli(cfg_path)
     # (a finished record is a .json; a .tmp- file is one being written, gone if the kill lands now)
     assert _wait_for(lambda: done.exists() and any(f.suffix == ".json" for f in done.iterdir()), p), \
         p.communicate()[0].decode()[-3000:]
@@ -327,7 +344,7 @@ def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, tmp_path):
     assert not (out / "_SUCCESS").exists()
 
     # 2. rerun; killed by SIGKILL as soon as the first shard has been written
-    p = _cli(str(cfg_path), ray_cluster, kill_after_first_shard=True)
+    p = _cli(cfg_path, ray_cluster, DIE_AFTER_FIRST_SHARD)
     log2 = p.communicate(timeout=300)[0].decode()
     assert p.returncode == -signal.SIGKILL, log2[-3000:]
     assert f"{len(first)} already finished" in log2, log2[-3000:]
@@ -335,7 +352,7 @@ def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, tmp_path):
     assert not (out / "shard-000001.tar").exists() and not (out / "index.json").exists()
 
     # 3. rerun to the end
-    p = _cli(str(cfg_path), ray_cluster)
+    p = _cli(cfg_path, ray_cluster)
     log3 = p.communicate(timeout=300)[0].decode()
     assert p.returncode == 0, log3[-3000:]
 
@@ -385,3 +402,34 @@ def test_crafted_completion_records_are_redone_never_executed(curated, ray_clust
     assert any("2 completion record(s) in the old pickle format" in w and "redone" in w for w in warnings)
     _same_outputs(out, ref)
     assert not list(done.glob("*.pkl")) and (out / "_SUCCESS").exists()
+
+
+def test_killed_while_packing_leaves_no_stale_index_and_repacks_the_same_bytes(curated, tmp_path):
+    """Every input is recorded, and the output still holds a complete earlier packing that lacked one
+    of them (an input added since). The packing run is killed while writing its second shard; the
+    output must not claim to be complete meanwhile, and the rerun gives the uninterrupted bytes."""
+    import shutil
+
+    from data_pipeline.pipeline import run
+    from data_pipeline.writer import finalize
+
+    ref, root = curated["out"], curated["root"]
+    out = tmp_path / "packed"
+    shutil.copytree(os.path.join(ref, "_work"), out / "_work")
+    cfg_path = _cfg_file(tmp_path, root, out)
+    ids = sorted(p.stem for p in (out / "_work" / "done").glob("*.json"))
+    earlier = [i for i in ids if not i.startswith("defects")]  # its clip comes first: every shard changes
+    finalize(str(out), load_curate_config(cfg_path), earlier, fingerprint="earlier")
+    assert (out / "_SUCCESS").exists() and (out / "shard-000001.tar").exists()
+
+    p = _cli(cfg_path, patch=DIE_WRITING_SECOND_SHARD)  # all inputs recorded: no Ray, straight to packing
+    log = p.communicate(timeout=300)[0].decode()
+    assert p.returncode == 137, log[-3000:]
+    assert (out / ".tmp-cut-short").exists()  # the kill really landed inside the second shard
+    assert (out / "shard-000000.tar").read_bytes() == open(os.path.join(ref, "shard-000000.tar"), "rb").read()
+    # half repacked: neither _SUCCESS nor an index of the earlier packing may be left to trust
+    assert not (out / "_SUCCESS").exists() and not (out / "index.json").exists()
+
+    stats = run(load_curate_config(cfg_path), progress=False, echo=lambda _: None)
+    _same_outputs(out, ref)
+    assert (out / "_SUCCESS").exists() and stats["counts"] == curated["stats"]["counts"]
