@@ -243,3 +243,114 @@ def test_rotated_sources_become_upright_clips_at_the_display_size(tmp_path):
             # counter-clockwise by 90°: the coded top-left corner is displayed bottom-left
             assert img[136:160, :24].mean() > 200, mode
             assert max(img[:24, :24].mean(), img[:24, -24:].mean(), img[-24:, -24:].mean()) < 100, mode
+
+
+# ----------------------------------------------------------------------------- input types, permissions
+
+
+def _non_regular_inputs(folder) -> dict[str, str]:
+    """Entries of ``folder`` that are not regular files → what the rejection detail says."""
+    import socket
+
+    os.mkfifo(folder / "fifo.mp4")  # opening it for reading would block until a writer comes
+    os.symlink("/dev/null", folder / "null link.mp4")
+    os.mkdir(folder / "folder.mp4")
+    os.symlink(folder / "folder.mp4", folder / "folder link.mp4")
+    sock = socket.socket(socket.AF_UNIX)
+    cwd = os.getcwd()
+    os.chdir(folder)  # a relative name: unix socket paths are limited to ~107 bytes
+    try:
+        sock.bind("socket.mp4")
+    finally:
+        os.chdir(cwd)
+        sock.close()
+    return {"fifo.mp4": "a FIFO (named pipe)", "null link.mp4": "a character device (through the link to /dev/null)",
+            "folder.mp4": "a directory", "socket.mp4": "a unix socket", "folder link.mp4": "a directory (through"}
+
+
+@pytest.mark.timeout(120)
+def test_non_regular_inputs_are_rejected_from_stat_never_opened(tmp_path, monkeypatch):
+    import builtins
+
+    from data_pipeline.config import load_curate_config
+    from data_pipeline.pipeline import run_video_stage
+    from data_pipeline.sources import list_sources
+    from data_pipeline.writer import finalize
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    expected = _non_regular_inputs(raw)
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps({"uri": f"raw/{n}"}) + "\n" for n in expected))
+    special = {str(raw / n) for n in expected}
+
+    def guard(real):
+        def opener(path, *a, **k):
+            if isinstance(path, (str, os.PathLike)) and os.path.abspath(path) in special:
+                raise AssertionError(f"opened {path}")
+            return real(path, *a, **k)
+        return opener
+
+    for mod, name in ((builtins, "open"), (os, "open"), (av, "open")):
+        monkeypatch.setattr(mod, name, guard(getattr(mod, name)))
+    # a folder (whose real subfolders are walked, not inputs) and a manifest naming every entry
+    for source, names in ((str(raw), set(expected) - {"folder.mp4"}),
+                          (str(tmp_path / "manifest.jsonl"), set(expected))):
+        out = tmp_path / f"out-{os.path.basename(source)}"
+        cfg = load_curate_config(None, [f"input.path={source}", f"output.path={out}"])
+        items = list_sources(source, [".mp4"])
+        assert {os.path.basename(it.uri) for it in items} == names
+        for it in items:
+            write_record(str(out), run_video_stage(it, cfg, {}))
+        stats = finalize(str(out), cfg, [it.source_id for it in items], fingerprint="f")
+        rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+        assert {os.path.basename(r["uri"]): (r["stage"], r["reason"]) for r in rejected} == \
+            {n: ("probe", "not_a_regular_file") for n in names}
+        for r in rejected:
+            assert r["detail"].startswith(expected[os.path.basename(r["uri"])]), r
+        assert stats["rejected_by_reason"] == {"probe.not_a_regular_file": len(names)}
+
+
+def test_permission_errors_are_rejected_with_their_reason(tmp_path):
+    """As an unprivileged user (root passes every permission check): a mode-000 file and a
+    mode-000 subfolder are rejected as permission_denied; a readable video next to them probes."""
+    import shutil
+    import tempfile
+
+    from data_pipeline.video import encode_frames
+    from tests.helpers_curate import run_unprivileged
+
+    work = tempfile.mkdtemp(prefix="vchitect-perm-")  # not under pytest's 0700 tmp folders
+    try:
+        os.chmod(work, 0o755)
+        root = os.path.join(work, "raw")
+        os.makedirs(os.path.join(root, "locked"))
+        video = encode_frames([np.zeros((32, 32, 3), np.uint8)] * 4, 12)
+        for rel in ("ok.mp4", "no access.mp4", "locked/inner.mp4"):
+            with open(os.path.join(root, rel), "wb") as f:
+                f.write(video)
+        os.chmod(root, 0o755)
+        os.chmod(os.path.join(root, "ok.mp4"), 0o644)
+        os.chmod(os.path.join(root, "no access.mp4"), 0o000)
+        os.chmod(os.path.join(root, "locked"), 0o000)
+        code = ("import json, os, sys\n"
+                "from data_pipeline.sources import list_sources\n"
+                "from data_pipeline.stages.probe import Rejected, probe\n"
+                "got = {}\n"
+                "for it in list_sources(sys.argv[1], ['.mp4']):\n"
+                "    try:\n"
+                "        probe(it.uri)\n"
+                "        got[os.path.relpath(it.uri, sys.argv[1])] = ['ok', '']\n"
+                "    except Rejected as err:\n"
+                "        got[os.path.relpath(it.uri, sys.argv[1])] = [err.reason, err.detail]\n"
+                "print(json.dumps(got))\n")
+        proc = run_unprivileged(code, root, workdir=work)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert got == {"ok.mp4": ["ok", ""], "no access.mp4": ["permission_denied", "EACCES: Permission denied"],
+                       "locked": ["permission_denied",
+                                  "a directory that cannot be listed: EACCES: Permission denied"]}
+    finally:
+        for d, dirs, _files in os.walk(work):
+            for x in dirs:
+                os.chmod(os.path.join(d, x), 0o755)
+        shutil.rmtree(work, ignore_errors=True)
