@@ -370,7 +370,8 @@ def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, tmp_path):
 def test_crafted_completion_records_are_redone_never_executed(curated, ray_cluster, tmp_path):
     """Records planted under _work/done/ by anyone who can write the output: a pickle that would
     create a file when unpickled, as an old-format .pkl and as a .json; a JSON record that does not
-    match the schema. The rerun creates no file, redoes those inputs and packs the same bytes."""
+    match the schema; clip bytes changed behind a record. The rerun creates no file, redoes those
+    inputs and packs the same bytes."""
     import shutil
 
     from data_pipeline.pipeline import run
@@ -391,14 +392,20 @@ def test_crafted_completion_records_are_redone_never_executed(curated, ray_clust
     rec = json.loads((done / f"{text}.json").read_bytes())
     rec["rejections"][0]["clip"] = "0"            # JSON, but not the schema
     (done / f"{text}.json").write_text(json.dumps(rec))
+    other = next(i for i in ids if i.startswith("video_0002"))
+    data = bytearray((out / "_work" / "data" / f"{other}.bin").read_bytes())
+    data[100] ^= 1                                # clip bytes changed, same size: found when packing
+    (out / "_work" / "data" / f"{other}.bin").write_bytes(bytes(data))
     lines = []
     stats = run(load_curate_config(CONFIG, _overrides(root, str(out))), progress=False, echo=lines.append)
     assert not marker.exists()
-    assert stats["this_run"]["processed_inputs"] == 3
-    assert stats["this_run"]["resumed_inputs"] == len(ids) - 3
+    assert stats["this_run"]["processed_inputs"] == 4
+    assert stats["this_run"]["resumed_inputs"] == len(ids) - 4
     warnings = [line for line in lines if "warning" in line]
-    assert len(warnings) == 3, warnings  # one per bad JSON record (naming it), one for the .pkl files
+    # one per bad JSON record (naming it), one for the .pkl files, one for the changed data
+    assert len(warnings) == 4, warnings
     assert sum(f"{video}.json" in w for w in warnings) == 1 and sum(f"{text}.json" in w for w in warnings) == 1
+    assert sum(f"{other}.json" in w and "sha256" in w for w in warnings) == 1
     assert any("2 completion record(s) in the old pickle format" in w and "redone" in w for w in warnings)
     _same_outputs(out, ref)
     assert not list(done.glob("*.pkl")) and (out / "_SUCCESS").exists()
