@@ -67,6 +67,35 @@ def list_names(folder: str, options: dict[str, Any] | None = None) -> list[str]:
     return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
 
+def list_sizes(folder: str, options: dict[str, Any] | None = None) -> dict[str, int]:
+    """Base name → size in bytes of the files directly in ``folder`` (empty when it does not exist)."""
+    fs, p = filesystem(folder, options)
+    try:
+        entries = fs.ls(p, detail=True, refresh=True) if is_remote(folder) else fs.ls(p, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries if e.get("type") != "directory"}
+
+
+def read_many(paths: list[str], options: dict[str, Any] | None = None) -> dict[str, bytes | Exception]:
+    """path → its bytes, or the exception that reading it raised (remote: fetched concurrently)."""
+    if not paths:
+        return {}
+    if not is_remote(paths[0]):
+        out: dict[str, bytes | Exception] = {}
+        for path in paths:
+            try:
+                out[path] = read_bytes(path, options)
+            except OSError as exc:
+                out[path] = exc
+        return out
+    fs, _ = filesystem(paths[0], options)
+    inner = {filesystem(path, options)[1]: path for path in paths}
+    got = fs.cat(list(inner), on_error="return")
+    return {path: got.get(k, FileNotFoundError(path)) for k, path in inner.items()}
+
+
 def remove(path: str, options: dict[str, Any] | None = None) -> None:
     fs, p = filesystem(path, options)
     try:

@@ -29,7 +29,7 @@ from .stages.clip import InputResult, process_video
 from .stages.latents import LatentEncoder, check_latents
 from .stages.models import Captioner, ModelFilters, attach_source_captions
 from .stages.probe import Rejected
-from .writer import finalize, finished_ids, write_record
+from .writer import RecordError, finalize, finished_ids, remove_record, write_record
 
 log = logging.getLogger("vchitect.curate")
 
@@ -57,15 +57,23 @@ def run_video_stage(item: SourceItem, cfg: CurateConfig, options: dict) -> Input
         return res
 
 
+# Rows between the Ray stages of one job carry an InputResult pickled into a bytes column. These
+# bytes only ever live in Ray's object store, made by this job's own workers, and never touch
+# storage; completion records on disk/S3 are JSON (writer.py), read by a strict schema.
+
+
 def _pack(res: InputResult) -> dict:
+    # in-memory Ray payload (never written to or read from storage)
     return {"source_id": res.source_id, "result": pickle.dumps(res, protocol=5)}
 
 
 def _unpack_batch(batch) -> list[InputResult]:
+    # in-memory Ray payload from _pack/_repack_batch of this job (never read from storage)
     return [pickle.loads(bytes(b)) for b in batch["result"]]
 
 
 def _repack_batch(results: list[InputResult]) -> dict:
+    # in-memory Ray payload (never written to or read from storage)
     return {"source_id": [r.source_id for r in results],
             "result": [pickle.dumps(r, protocol=5) for r in results]}
 
@@ -178,32 +186,48 @@ def run(cfg: CurateConfig, *, address: Optional[str] = None, progress: bool = Tr
     by_id = {it.source_id: it for it in items}
     fingerprint = config_fingerprint(cfg)
     _claim_output(out, fingerprint, options)
-    done = finished_ids(out, options) & set(by_id)
-    todo = [it for it in items if it.source_id not in done]
-    echo(f"curate: {len(items)} inputs, {len(done)} already finished, {len(todo)} to process")
     f = cfg.filters
     if not f.aesthetic_clip_path:
         echo("curate: aesthetic filter off (filters.aesthetic_clip_path / aesthetic_head_path not set)")
     uses_models = bool(f.ocr or f.nsfw or f.aesthetic_clip_path)
     uses_vlm = bool(cfg.caption.vlm_path and cfg.caption.mode != "source")
 
-    if todo:
-        started = _start_ray(cfg, address)
-        try:
-            _run_ray(cfg, todo, options, uses_models, uses_vlm, progress)
-        finally:
-            if started:
-                import ray
+    def warn(msg: str) -> None:
+        echo(f"curate: warning: {msg}")
 
-                ray.shutdown()
-    missing = sorted(set(by_id) - finished_ids(out, options))
-    if missing:
-        raise RuntimeError(f"{len(missing)} inputs have no completion record (e.g. {missing[0]}); "
-                           "rerun the same command to finish them")
-    echo("curate: packing shards")
-    stats = finalize(out, cfg, by_id, fingerprint=fingerprint, options=options,
-                     run_info={"processed_inputs": len(todo), "resumed_inputs": len(done),
-                               "seconds": round(time.time() - t0, 2)})
+    done = finished_ids(out, options, warn=warn) & set(by_id)
+    resumed, processed = set(done), set()
+    for attempt in range(3):  # again only when packing finds a record unusable after all
+        todo = [it for it in items if it.source_id not in done]
+        echo(f"curate: {len(items)} inputs, {len(done)} already finished, {len(todo)} to process")
+        if todo:
+            started = _start_ray(cfg, address)
+            try:
+                recorded = _run_ray(cfg, todo, options, uses_models, uses_vlm, progress)
+            finally:
+                if started:
+                    import ray
+
+                    ray.shutdown()
+            done |= recorded
+            processed |= recorded
+        missing = sorted(set(by_id) - done)
+        if missing:
+            raise RuntimeError(f"{len(missing)} inputs have no completion record (e.g. {missing[0]}); "
+                               "rerun the same command to finish them")
+        echo("curate: packing shards")
+        try:
+            stats = finalize(out, cfg, by_id, fingerprint=fingerprint, options=options,
+                             run_info={"processed_inputs": len(processed), "resumed_inputs": len(resumed),
+                                       "seconds": round(time.time() - t0, 2)})
+            break
+        except RecordError as exc:  # e.g. a data file that no longer matches its record
+            if attempt == 2:
+                raise
+            warn(f"{exc}; processing that input again")
+            remove_record(out, exc.source_id, options)
+            done.discard(exc.source_id)
+            resumed.discard(exc.source_id)
     c = stats["counts"]
     echo(f"curate: {c.get('clips_written', 0)} clips in {c.get('shards', 0)} shards; "
          f"rejected: {json_compact(stats['rejected_by_reason'])}")
@@ -227,7 +251,8 @@ def json_compact(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "none"
 
 
-def _run_ray(cfg, todo, options, uses_models, uses_vlm, progress) -> None:
+def _run_ray(cfg, todo, options, uses_models, uses_vlm, progress) -> set[str]:
+    """Process ``todo`` on Ray, writing a completion record per input; the ids recorded."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -265,8 +290,11 @@ def _run_ray(cfg, todo, options, uses_models, uses_vlm, progress) -> None:
                             batch_size=cfg.ray.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.ray.latents_actors),
                             num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy", **gpu)
+    recorded = set()
     with Progress(len(todo), enabled=progress) as prog:
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             for res in _unpack_batch(batch):
                 write_record(cfg.output.path, res, options)
+                recorded.add(res.source_id)
                 prog.add(res)
+    return recorded

@@ -65,6 +65,8 @@ def list_sources(path: str, extensions: list[str], storage_options: dict[str, An
 
 def _list_files(path: str, extensions: list[str], storage_options) -> list[SourceItem]:
     exts = tuple(e.lower() for e in extensions)
+    if not vio.is_remote(path):
+        return _list_local(path[len("file://"):] if path.startswith("file://") else path, exts)
     fs, root = vio.filesystem(path, storage_options)
     if not fs.exists(root):
         raise FileNotFoundError(f"input.path {path!r} does not exist")
@@ -73,23 +75,40 @@ def _list_files(path: str, extensions: list[str], storage_options) -> list[Sourc
         root = os.path.dirname(root)
     else:
         files = fs.find(root)
+    protocol = path.split("://", 1)[0]
     items = []
-    remote = vio.is_remote(path)
-    protocol = path.split("://", 1)[0] if remote else None
     for f in sorted(files):
-        if not f.lower().endswith(exts):
-            continue
-        rel = f[len(root):].lstrip("/")
-        uri = f"{protocol}://{f}" if remote else f
-        items.append(SourceItem(uri=uri, source_id=make_source_id(os.path.splitext(rel)[0], uri)))
-    # Broken symlinks and unreadable entries are inputs too: they are rejected with a reason later.
-    if not remote:
-        for dirpath, _dirs, names in os.walk(root):
-            for n in names:
-                p = os.path.join(dirpath, n)
-                if os.path.islink(p) and not os.path.exists(p) and n.lower().endswith(exts):
-                    rel = os.path.relpath(p, root)
-                    items.append(SourceItem(uri=p, source_id=make_source_id(os.path.splitext(rel)[0], p)))
+        if f.lower().endswith(exts):
+            rel = f[len(root):].lstrip("/")
+            uri = f"{protocol}://{f}"
+            items.append(SourceItem(uri=uri, source_id=make_source_id(os.path.splitext(rel)[0], uri)))
+    return items
+
+
+def _list_local(path: str, exts: tuple[str, ...]) -> list[SourceItem]:
+    """Every entry under a local folder whose name has one of ``exts``, whatever it is: files,
+    broken symlinks, FIFOs, devices, sockets and links to folders are inputs too, rejected with a
+    reason by the probe (from ``stat``, never opened). A subfolder that cannot be listed becomes an
+    input as well (rejected as ``permission_denied``), so no file is skipped without a record."""
+    root = os.path.abspath(path)
+    if not os.path.lexists(root):
+        raise FileNotFoundError(f"input.path {path!r} does not exist")
+    if not os.path.isdir(root):
+        found, root = ([root] if root.lower().endswith(exts) else []), os.path.dirname(root)
+    else:
+        unlistable: list[OSError] = []
+        found = []
+        for dirpath, dirs, names in os.walk(root, onerror=unlistable.append):
+            links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]  # not followed
+            found += [os.path.join(dirpath, n) for n in names + links if n.lower().endswith(exts)]
+        for err in unlistable:
+            if os.path.abspath(err.filename) == root:
+                raise err  # input.path itself cannot be listed
+            found.append(os.path.abspath(err.filename))
+    items = []
+    for f in sorted(found):
+        rel = os.path.relpath(f, root)
+        items.append(SourceItem(uri=f, source_id=make_source_id(os.path.splitext(rel)[0], f)))
     return items
 
 

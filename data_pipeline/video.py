@@ -1,8 +1,12 @@
-"""PyAV helpers shared by the stages: H.264 encoder choice, frame decoding, clip encoding."""
+"""PyAV helpers shared by the stages: H.264 encoder choice, frame decoding, clip encoding,
+display orientation."""
 
 from __future__ import annotations
 
 import io
+import math
+import struct
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterable, Iterator, Optional
 
@@ -156,3 +160,94 @@ def remux_packets(template_stream, packets: Iterable, pts0: int) -> bytes:
             pkt.stream = stream
             out.mux(pkt)
     return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- display orientation
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """How a video's display matrix turns its coded pictures for display: a rotation by
+    ``rotation`` degrees counter-clockwise (0, 90, 180 or 270; what PyAV's ``frame.rotation`` and
+    ``stream.set_display_rotation`` mean), then a left-right mirror when ``mirrored``."""
+
+    rotation: int = 0
+    mirrored: bool = False
+
+    @property
+    def upright(self) -> bool:
+        return self.rotation == 0 and not self.mirrored
+
+    def display_size(self, width: int, height: int) -> tuple[int, int]:
+        return (height, width) if self.rotation in (90, 270) else (width, height)
+
+    def filters(self) -> list[tuple[str, str]]:
+        """FFmpeg filters that turn a coded picture into the displayed one (as `ffmpeg` autorotates).
+
+        ``transpose`` swaps the axes (``cclock_flip``), then flips columns (``clock``), rows
+        (``cclock``) or both (``clock_flip``); a rotation by 90° counter-clockwise is the transpose
+        with its rows flipped, and a mirror flips the columns once more.
+        """
+        return {(0, False): [], (0, True): [("hflip", "")],
+                (90, False): [("transpose", "cclock")], (90, True): [("transpose", "clock_flip")],
+                (180, False): [("hflip", ""), ("vflip", "")], (180, True): [("vflip", "")],
+                (270, False): [("transpose", "clock")], (270, True): [("transpose", "cclock_flip")],
+                }[(self.rotation, self.mirrored)]
+
+
+def orientation_from_matrix(matrix: bytes) -> Orientation:
+    """The orientation of an FFmpeg display matrix (``AV_FRAME_DATA_DISPLAYMATRIX``: 9 native int32,
+    a, b, c, d in 16.16 fixed point, mapping a coded point (x, y) to (a·x + c·y, b·x + d·y)).
+
+    Raises ValueError for matrices that are not a multiple of 90° (with or without a mirror).
+    """
+    if len(matrix) != 36:
+        raise ValueError(f"a display matrix has 36 bytes, not {len(matrix)}")
+    m = struct.unpack("=9i", matrix)
+    a, b, c, d = (m[0] / 65536, m[1] / 65536, m[3] / 65536, m[4] / 65536)
+    scale = max(abs(a), abs(b), abs(c), abs(d))
+    if scale == 0:
+        raise ValueError("a singular display matrix")
+    a, b, c, d = (round(v / scale, 3) for v in (a, b, c, d))
+    if not ((b == c == 0 and abs(a) == abs(d) == 1) or (a == d == 0 and abs(b) == abs(c) == 1)):
+        raise ValueError(f"a display matrix that is not a multiple of 90 degrees ({a} {b} {c} {d})")
+    mirrored = a * d - b * c < 0
+    if mirrored:  # undo the mirror (x → -x) applied after the rotation
+        a, c = -a, -c
+    # a rotation by θ counter-clockwise: a = cos θ, c = sin θ (y grows downwards)
+    return Orientation(rotation=int(round(math.degrees(math.atan2(c, a)))) % 360, mirrored=mirrored)
+
+
+def frame_orientation(frame) -> Orientation:
+    """The display orientation a decoded frame carries (upright when it has no display matrix)."""
+    sd = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+    return orientation_from_matrix(bytes(sd)) if sd is not None else Orientation()
+
+
+class Uprighter:
+    """Turns decoded frames of one orientation upright, with FFmpeg's transpose/flip filters, and
+    drops their display matrix so that nothing downstream turns them again."""
+
+    def __init__(self, orientation: Orientation):
+        self.orientation = orientation
+        self._graph = None
+        self._key = None
+
+    def __call__(self, frame):
+        key = (frame.width, frame.height, frame.format.name)
+        if self._graph is None or key != self._key:
+            import av.filter
+
+            g = av.filter.Graph()
+            node = g.add_buffer(width=frame.width, height=frame.height, format=frame.format,
+                                time_base=frame.time_base or Fraction(1, 1))
+            chain = [*self.orientation.filters(), ("sidedata", "mode=delete:type=DISPLAYMATRIX")]
+            for name, args in chain:
+                nxt = g.add(name, args) if args else g.add(name)
+                node.link_to(nxt)
+                node = nxt
+            node.link_to(g.add("buffersink"))
+            g.configure()
+            self._graph, self._key = g, key
+        self._graph.push(frame)
+        return self._graph.pull()

@@ -7,10 +7,13 @@ planner, the cheap filters (blur, motion, perceptual hash and sampled frames for
 stages, at ``split.analysis_size``) and the clip encoder. It returns an :class:`InputResult`; nothing
 here knows about Ray.
 
+Frames are turned upright (:func:`upright_frames`) right after decoding when the source's display
+matrix rotates it, so every stage works on the picture as displayed and clips carry no matrix.
+
 Stream copy (``clip.stream_copy=auto``): when the source is mp4-style H.264 (yuv420p) and the
-clips keep its size and fps, the compressed packets are kept (:class:`_PacketLog`) and a window
-that starts on an IDR keyframe is written by copying its packets (:func:`video.remux_packets`)
-instead of decoding → scaling → re-encoding; the window's end is moved back (by at most the
+clips keep its size, orientation and fps, the compressed packets are kept (:class:`_PacketLog`)
+and a window that starts on an IDR keyframe is written by copying its packets
+(:func:`video.remux_packets`) instead of decoding → scaling → re-encoding; the window's end is moved back (by at most the
 B-frame reordering depth) to the last frame where the packets in decode order hold exactly the
 window's frames. A window that cannot be copied after all is re-decoded and encoded.
 """
@@ -27,7 +30,8 @@ import cv2
 from av.video.reformatter import VideoReformatter
 import numpy as np
 
-from ..video import avcc_nal_length_size, even_size, is_idr_packet, pick_h264_encoder, remux_packets
+from ..video import (Orientation, Uprighter, avcc_nal_length_size, even_size, frame_orientation,
+                     is_idr_packet, pick_h264_encoder, remux_packets)
 from . import filters
 from .probe import ProbeResult, Rejected, probe
 from .split import LateCut, ShotDetector, WindowPlanner
@@ -127,13 +131,24 @@ def detection_frame(frame, fallback_size: tuple[int, int], bgr: bool = False,
     return cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR if bgr else cv2.COLOR_YUV2RGB)
 
 
-def _iter_frames(path: str):
-    """Decoded frames in order; the position in this sequence is the frame index."""
+def upright_frames(frames, orientation: Orientation):
+    """``frames`` turned upright as the display matrix says; every frame must carry the
+    orientation the probe saw (a source that changes it midway is rejected, never half turned)."""
+    turn = Uprighter(orientation) if not orientation.upright else None
+    for frame in frames:
+        got = frame_orientation(frame)
+        if got != orientation:
+            raise Rejected("decode_error", f"the display orientation changes within the video "
+                                           f"({orientation} at the start, {got} later)")
+        yield turn(frame) if turn is not None else frame
+
+
+def _iter_frames(path: str, orientation: Orientation):
+    """Decoded upright frames in order; the position in this sequence is the frame index."""
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        for frame in container.decode(stream):
-            yield frame
+        yield from upright_frames(container.decode(stream), orientation)
 
 
 def _decode(container, stream, log: Optional["_PacketLog"]):
@@ -195,6 +210,8 @@ class _PacketLog:
         cc = cfg.clip
         if cc.stream_copy != "auto" or stream.codec_context.name != "h264":
             return None
+        if not pr.orientation.upright:
+            return None  # copied packets keep the coded orientation: turn the frames and encode
         if stream.format is None or stream.format.name != "yuv420p" or (pr.width, pr.height) != tuple(out_size):
             return None  # other pixel formats, or a resize: re-encode
         if cc.fps and Fraction(cc.fps).limit_denominator(1001) != pr.fps_fraction:
@@ -278,11 +295,11 @@ def _make_detector(cfg, fps: float) -> ShotDetector:
                         fps=fps)
 
 
-def _detect_all(path: str, cfg, fps: float, a_size) -> tuple[int, list[int]]:
+def _detect_all(path: str, cfg, fps: float, a_size, orientation: Orientation) -> tuple[int, list[int]]:
     """A detection-only decode (detectors that only know the cuts at the end, e.g. TransNetV2)."""
     det = _make_detector(cfg, fps)
     n = 0
-    for frame in _iter_frames(path):
+    for frame in _iter_frames(path, orientation):
         det.push(detection_frame(frame, a_size))
         n += 1
     return n, det.finish()
@@ -302,7 +319,7 @@ def _cut_and_score(path: str, pr: ProbeResult, item, cfg, res: InputResult) -> N
     else:
         out = None
     if out is None:
-        n, cuts = _detect_all(path, cfg, fps, a_size)
+        n, cuts = _detect_all(path, cfg, fps, a_size, pr.orientation)
         if n == 0:
             raise Rejected("zero_duration", "no decodable frames")
         out = _single_pass(path, pr, item, cfg, det=None, cuts=cuts, a_size=a_size)
@@ -395,7 +412,7 @@ def _single_pass(path: str, pr: ProbeResult, item, cfg, *, det: Optional[ShotDet
     buf: deque = deque()
     n = 0
     try:
-        for frame in _decode(container, stream, log):
+        for frame in upright_frames(_decode(container, stream, log), pr.orientation):
             if log is not None:
                 log.frame_out(frame.pts, n)
             if det is not None:
@@ -607,7 +624,8 @@ class _WindowWork:
             "transcode": transcode,
             "source": {"width": self.pr.width, "height": self.pr.height, "fps": round(self.pr.fps, 6),
                        "codec": self.pr.codec, "has_audio": self.pr.has_audio,
-                       "duration": round(self.pr.duration, 4)},
+                       "duration": round(self.pr.duration, 4), "rotation": self.pr.rotation,
+                       "mirrored": self.pr.mirrored},
             "scores": scores,
             "camera_motion": describe_motion(scores["motion"]),
         }

@@ -1,12 +1,19 @@
-"""Probe: container metadata from PyAV, without decoding frames.
+"""Probe: container metadata from PyAV, and the display orientation of the first frame.
 
-Rejects (with a reason) inputs that cannot be read, are not video, have no duration, or whose
-frame size is beyond the configured limits, so that nothing downstream allocates frames for them.
+Rejects (with a reason) inputs that are not regular files (from ``stat``, before anything opens
+them), cannot be read (``permission_denied`` from the real open), are not video, have no duration,
+or whose frame size is beyond the configured limits, so that nothing downstream allocates frames
+for them.
+Width and height are the *display* size: a source whose display matrix rotates it (phones record
+portrait video as landscape pictures turned by the matrix) reports its size after rotation, and
+the clip stage turns its frames upright (``rotation``/``mirrored``; ``coded_*``: before rotation).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -35,9 +42,23 @@ class ProbeResult:
     has_audio: bool
     num_frames: int
     size_bytes: int
+    coded_width: int = 0      # as stored (0: same as width/height)
+    coded_height: int = 0
+    rotation: int = 0         # display matrix: degrees counter-clockwise (0, 90, 180, 270) …
+    mirrored: bool = False    # … then mirrored left-right
+
+    def __post_init__(self):
+        if not self.coded_width:
+            self.coded_width, self.coded_height = self.orientation.display_size(self.width, self.height)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def orientation(self):
+        from ..video import Orientation
+
+        return Orientation(self.rotation, self.mirrored)
 
     @property
     def fps_fraction(self) -> Fraction:
@@ -49,17 +70,10 @@ def probe(path: str, *, max_width: int = 8192, max_height: int = 8192,
     """Metadata of the video at local ``path``; raises :class:`Rejected` with a reason."""
     import av
 
-    try:
-        size = os.path.getsize(path)
-    except OSError as exc:
-        raise Rejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
-    if size == 0:
-        raise Rejected("empty_file", "zero bytes")
-    if not os.access(path, os.R_OK):
-        raise Rejected("unreadable", "no read permission")
+    size, track_sizes = _open_regular_file(path)
     # Opening a container makes FFmpeg decode a first frame for some codecs; an absurd frame size
     # must be caught before that, from the ISO-BMFF (mp4/mov) track headers.
-    for w, h in mp4_track_sizes(path):
+    for w, h in track_sizes:
         if w > max_width or h > max_height:
             raise Rejected("frame_too_large", f"{w}x{h} exceeds {max_width}x{max_height} (track header)")
     try:
@@ -95,41 +109,115 @@ def probe(path: str, *, max_width: int = 8192, max_height: int = 8192,
             raise Rejected("too_long", f"{duration:.0f}s exceeds {max_duration:.0f}s")
         codec = ctx.name or "unknown"
         has_audio = bool(container.streams.audio)
+        orientation = _first_frame_orientation(container, stream)
+    display_w, display_h = orientation.display_size(width, height)
     return ProbeResult(duration=duration, fps=float(rate), fps_num=rate.numerator,
-                       fps_den=rate.denominator, width=width, height=height, codec=codec,
-                       has_audio=has_audio, num_frames=frames, size_bytes=size)
+                       fps_den=rate.denominator, width=display_w, height=display_h, codec=codec,
+                       has_audio=has_audio, num_frames=frames, size_bytes=size, coded_width=width,
+                       coded_height=height, rotation=orientation.rotation, mirrored=orientation.mirrored)
 
 
-def mp4_track_sizes(path: str, max_moov: int = 64 << 20) -> list[tuple[int, int]]:
-    """(width, height) of every track header in an mp4/mov file; [] for other formats.
+def _first_frame_orientation(container, stream):
+    """The display orientation of the first decoded frame (the display matrix is stream side
+    data that PyAV shows on frames only); upright when no frame decodes here, the clip stage
+    checks every frame against it anyway."""
+    import av
+
+    from ..video import Orientation, frame_orientation
+
+    try:
+        frame = next(iter(container.decode(stream)), None)
+    except (av.error.FFmpegError, OSError):
+        frame = None
+    if frame is None:
+        return Orientation()
+    try:
+        return frame_orientation(frame)
+    except ValueError as exc:
+        raise Rejected("unsupported_rotation", str(exc)) from None
+
+
+def _error_detail(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+    return f"{code + ': ' if code else ''}{exc.strerror or exc}"
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a unix socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _open_regular_file(path: str) -> tuple[int, list[tuple[int, int]]]:
+    """(size, mp4 track sizes) of a regular, readable file; raises :class:`Rejected` otherwise.
+
+    What is not a regular file (a FIFO, whose open would block forever, a device, a socket, a
+    directory; after following symlinks) is rejected from ``stat`` before anything opens it.
+    Permission errors come from the real ``open`` (``os.access`` says yes to root for anything).
+    """
+    try:
+        st = os.stat(path)
+    except PermissionError as exc:
+        raise Rejected("permission_denied", _error_detail(exc)) from None
+    except OSError as exc:
+        raise Rejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = _kind(st.st_mode)
+        if os.path.islink(path):
+            kind += f" (through the link to {os.path.realpath(path)})"
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                os.scandir(path).close()
+            except PermissionError as exc:
+                raise Rejected("permission_denied", f"{kind} that cannot be listed: {_error_detail(exc)}") from None
+        raise Rejected("not_a_regular_file", kind)
+    if st.st_size == 0:
+        raise Rejected("empty_file", "zero bytes")
+    try:  # O_NONBLOCK: should the path have become a FIFO since the stat, this open does not block
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except PermissionError as exc:
+        raise Rejected("permission_denied", _error_detail(exc)) from None
+    except OSError as exc:
+        raise Rejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise Rejected("not_a_regular_file", _kind(st.st_mode))
+        return st.st_size, mp4_track_sizes(f)
+
+
+def mp4_track_sizes(f, max_moov: int = 64 << 20) -> list[tuple[int, int]]:
+    """(width, height) of every track header in an mp4/mov file (open, binary); [] for other formats.
 
     Reads only box headers and the ``moov`` box (which holds no frame data).
     """
     out: list[tuple[int, int]] = []
     try:
-        with open(path, "rb") as f:
-            end = os.fstat(f.fileno()).st_size
-            pos = 0
-            while pos + 8 <= end:
-                f.seek(pos)
-                head = f.read(16)
-                size, kind = struct.unpack(">I4s", head[:8])
-                hdr = 8
-                if size == 1 and len(head) >= 16:
-                    size, hdr = struct.unpack(">Q", head[8:16])[0], 16
-                elif size == 0:
-                    size = end - pos
-                if size < hdr:
+        end = os.fstat(f.fileno()).st_size
+        pos = 0
+        while pos + 8 <= end:
+            f.seek(pos)
+            head = f.read(16)
+            size, kind = struct.unpack(">I4s", head[:8])
+            hdr = 8
+            if size == 1 and len(head) >= 16:
+                size, hdr = struct.unpack(">Q", head[8:16])[0], 16
+            elif size == 0:
+                size = end - pos
+            if size < hdr:
+                return out
+            if pos == 0 and kind not in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+                return out  # not ISO-BMFF
+            if kind == b"moov":
+                if size > max_moov:
                     return out
-                if pos == 0 and kind not in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
-                    return out  # not ISO-BMFF
-                if kind == b"moov":
-                    if size > max_moov:
-                        return out
-                    f.seek(pos + hdr)
-                    _walk(f.read(size - hdr), out)
-                    return out
-                pos += size
+                f.seek(pos + hdr)
+                _walk(f.read(size - hdr), out)
+                return out
+            pos += size
     except (OSError, struct.error):
         return out
     return out

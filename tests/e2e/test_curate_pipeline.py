@@ -15,6 +15,8 @@ import time
 import pytest
 import yaml
 
+from tests.helpers_curate import crafted_pickle
+
 from data_pipeline import synthetic
 from data_pipeline.config import load_curate_config
 from data_pipeline.testing import save_tiny_blip, save_tiny_latent_models, write_bad_inputs
@@ -78,6 +80,15 @@ def _samples(out):
                 key, ext = m.name.split(".", 1)
                 samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
     return samples
+
+
+def _same_outputs(out, ref) -> None:
+    """Shards, index.json and rejected.jsonl byte for byte as in ``ref``; nothing else left over."""
+    names = sorted(n for n in os.listdir(ref) if n.endswith(".tar")) + ["index.json", "rejected.jsonl"]
+    assert sorted(n for n in os.listdir(out) if n.endswith(".tar")) == names[:-2]
+    for n in names:
+        assert (out / n).read_bytes() == open(os.path.join(ref, n), "rb").read(), n
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
 
 
 def _truth_shot(truth, uri, start, end):
@@ -262,22 +273,44 @@ def test_bad_inputs_and_s3_output(ray_cluster, corpus, blip, s3_server, tmp_path
 # ----------------------------------------------------------------------------- resume
 
 
-def _cli(cfg_path, address=None, kill_after_first_shard=False):
-    args = ["run", cfg_path, "--no-progress"] + (["--address", address] if address else [])
-    if not kill_after_first_shard:
-        code = "import sys; from data_pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
-    else:  # the process SIGKILLs itself right after the first shard file is complete
-        code = ("import os, signal, sys\n"
-                "from data_pipeline import writer\n"
-                "close = writer.ShardWriter._close\n"
-                "def close_then_die(self):\n"
-                "    close(self)\n"
-                "    os.kill(os.getpid(), signal.SIGKILL)\n"
-                "writer.ShardWriter._close = close_then_die\n"
-                "from data_pipeline.cli import main\n"
-                "sys.exit(main(sys.argv[1:]))\n")
+# Code a CLI subprocess runs before `main`: deterministic kill points inside the packing.
+DIE_AFTER_FIRST_SHARD = (  # SIGKILL right after the first shard file is complete
+    "import os, signal\n"
+    "from data_pipeline import writer\n"
+    "close = writer.ShardWriter._close\n"
+    "def close_then_die(self):\n"
+    "    close(self)\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "writer.ShardWriter._close = close_then_die\n")
+DIE_WRITING_SECOND_SHARD = (  # killed in the middle of writing the second shard
+    "import os\n"
+    "from data_pipeline import io as vio\n"
+    "write = vio.write_bytes\n"
+    "def write_or_die(path, data, options=None):\n"
+    "    if path.endswith('-000001.tar'):  # half of it on disk under a temporary name, then gone\n"
+    "        with open(os.path.join(os.path.dirname(path), '.tmp-cut-short'), 'wb') as f:\n"
+    "            f.write(data[: len(data) // 2])\n"
+    "        os._exit(137)\n"
+    "    write(path, data, options)\n"
+    "vio.write_bytes = write_or_die\n")
+
+
+def _cli(cfg_path, address=None, patch=""):
+    args = ["run", str(cfg_path), "--no-progress"] + (["--address", address] if address else [])
+    code = patch + "import sys\nfrom data_pipeline.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
+
+
+def _cfg_file(tmp_path, root, out, *more) -> str:
+    """The synthetic config with ``_overrides(root, out)`` and ``more``, as a YAML file for the CLI."""
+    cfg = {"include": CONFIG}
+    for o in _overrides(root, str(out)) + list(more):
+        section, key = o.split("=", 1)[0].split(".")
+        cfg.setdefault(section, {})[key] = yaml.safe_load(o.split("=", 1)[1])
+    path = tmp_path / f"{os.path.basename(str(out))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
 
 
 def _wait_for(pred, proc, timeout=120.0):
@@ -294,29 +327,24 @@ def _wait_for(pred, proc, timeout=120.0):
 def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, tmp_path):
     root, ref = curated["root"], curated["out"]
     out = tmp_path / "resumed"
-    cfg = {"include": CONFIG}
-    for o in _overrides(root, str(out)) + ["ray.batch_size=1"]:
-        section, key = o.split("=", 1)[0].split(".")
-        cfg.setdefault(section, {})[key] = yaml.safe_load(o.split("=", 1)[1])
-    cfg_path = tmp_path / "resume.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
+    cfg_path = _cfg_file(tmp_path, root, out, "ray.batch_size=1")
     done = out / "_work" / "done"
     n_inputs = curated["stats"]["counts"]["inputs"]
 
     # 1. kill while inputs are being processed (this run starts its own local Ray; the next ones
     #    join the test's cluster with --address)
-    p = _cli(str(cfg_path))
-    # (a finished record is a .pkl; a .tmp- file is one being written, gone if the kill lands now)
-    assert _wait_for(lambda: done.exists() and any(f.suffix == ".pkl" for f in done.iterdir()), p), \
+    p = _cli(cfg_path)
+    # (a finished record is a .json; a .tmp- file is one being written, gone if the kill lands now)
+    assert _wait_for(lambda: done.exists() and any(f.suffix == ".json" for f in done.iterdir()), p), \
         p.communicate()[0].decode()[-3000:]
     p.send_signal(signal.SIGKILL)
     p.wait()
-    first = {f.name: f.stat().st_mtime_ns for f in done.iterdir() if f.suffix == ".pkl"}
+    first = {f.name: f.stat().st_mtime_ns for f in done.iterdir() if f.suffix == ".json"}
     assert 0 < len(first) < n_inputs
     assert not (out / "_SUCCESS").exists()
 
     # 2. rerun; killed by SIGKILL as soon as the first shard has been written
-    p = _cli(str(cfg_path), ray_cluster, kill_after_first_shard=True)
+    p = _cli(cfg_path, ray_cluster, DIE_AFTER_FIRST_SHARD)
     log2 = p.communicate(timeout=300)[0].decode()
     assert p.returncode == -signal.SIGKILL, log2[-3000:]
     assert f"{len(first)} already finished" in log2, log2[-3000:]
@@ -324,19 +352,91 @@ def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, tmp_path):
     assert not (out / "shard-000001.tar").exists() and not (out / "index.json").exists()
 
     # 3. rerun to the end
-    p = _cli(str(cfg_path), ray_cluster)
+    p = _cli(cfg_path, ray_cluster)
     log3 = p.communicate(timeout=300)[0].decode()
     assert p.returncode == 0, log3[-3000:]
 
     # inputs finished before a kill were not processed again
     for name, mtime in first.items():
         assert (done / name).stat().st_mtime_ns == mtime
-    names = sorted(n for n in os.listdir(ref) if n.endswith(".tar")) + ["index.json", "rejected.jsonl"]
-    assert sorted(n for n in os.listdir(out) if n.endswith(".tar")) == names[:-2]
-    for n in names:
-        assert (out / n).read_bytes() == open(os.path.join(ref, n), "rb").read(), n
+    _same_outputs(out, ref)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["counts"] == curated["stats"]["counts"]
     assert stats["rejected_by_reason"] == curated["stats"]["rejected_by_reason"]
     assert stats["this_run"]["resumed_inputs"] + stats["this_run"]["processed_inputs"] == n_inputs
     assert stats["this_run"]["resumed_inputs"] >= len(first)
+
+
+def test_crafted_completion_records_are_redone_never_executed(curated, ray_cluster, tmp_path):
+    """Records planted under _work/done/ by anyone who can write the output: a pickle that would
+    create a file when unpickled, as an old-format .pkl and as a .json; a JSON record that does not
+    match the schema; clip bytes changed behind a record. The rerun creates no file, redoes those
+    inputs and packs the same bytes."""
+    import shutil
+
+    from data_pipeline.pipeline import run
+
+    ref, root = curated["out"], curated["root"]
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    done = out / "_work" / "done"
+    ids = sorted(p.stem for p in done.glob("*.json"))
+    video, empty, text = (next(i for i in ids if i.startswith(p)) for p in ("video_0001", "corrupt_empty",
+                                                                             "corrupt_text"))
+    marker = tmp_path / "marker"
+    evil = crafted_pickle(marker)
+    (done / f"{video}.json").write_bytes(evil)   # not JSON at all
+    (done / f"{video}.pkl").write_bytes(evil)
+    (done / f"{empty}.json").unlink()             # only an old-format record
+    (done / f"{empty}.pkl").write_bytes(evil)
+    rec = json.loads((done / f"{text}.json").read_bytes())
+    rec["rejections"][0]["clip"] = "0"            # JSON, but not the schema
+    (done / f"{text}.json").write_text(json.dumps(rec))
+    other = next(i for i in ids if i.startswith("video_0002"))
+    data = bytearray((out / "_work" / "data" / f"{other}.bin").read_bytes())
+    data[100] ^= 1                                # clip bytes changed, same size: found when packing
+    (out / "_work" / "data" / f"{other}.bin").write_bytes(bytes(data))
+    lines = []
+    stats = run(load_curate_config(CONFIG, _overrides(root, str(out))), progress=False, echo=lines.append)
+    assert not marker.exists()
+    assert stats["this_run"]["processed_inputs"] == 4
+    assert stats["this_run"]["resumed_inputs"] == len(ids) - 4
+    warnings = [line for line in lines if "warning" in line]
+    # one per bad JSON record (naming it), one for the .pkl files, one for the changed data
+    assert len(warnings) == 4, warnings
+    assert sum(f"{video}.json" in w for w in warnings) == 1 and sum(f"{text}.json" in w for w in warnings) == 1
+    assert sum(f"{other}.json" in w and "sha256" in w for w in warnings) == 1
+    assert any("2 completion record(s) in the old pickle format" in w and "redone" in w for w in warnings)
+    _same_outputs(out, ref)
+    assert not list(done.glob("*.pkl")) and (out / "_SUCCESS").exists()
+
+
+def test_killed_while_packing_leaves_no_stale_index_and_repacks_the_same_bytes(curated, tmp_path):
+    """Every input is recorded, and the output still holds a complete earlier packing that lacked one
+    of them (an input added since). The packing run is killed while writing its second shard; the
+    output must not claim to be complete meanwhile, and the rerun gives the uninterrupted bytes."""
+    import shutil
+
+    from data_pipeline.pipeline import run
+    from data_pipeline.writer import finalize
+
+    ref, root = curated["out"], curated["root"]
+    out = tmp_path / "packed"
+    shutil.copytree(os.path.join(ref, "_work"), out / "_work")
+    cfg_path = _cfg_file(tmp_path, root, out)
+    ids = sorted(p.stem for p in (out / "_work" / "done").glob("*.json"))
+    earlier = [i for i in ids if not i.startswith("defects")]  # its clip comes first: every shard changes
+    finalize(str(out), load_curate_config(cfg_path), earlier, fingerprint="earlier")
+    assert (out / "_SUCCESS").exists() and (out / "shard-000001.tar").exists()
+
+    p = _cli(cfg_path, patch=DIE_WRITING_SECOND_SHARD)  # all inputs recorded: no Ray, straight to packing
+    log = p.communicate(timeout=300)[0].decode()
+    assert p.returncode == 137, log[-3000:]
+    assert (out / ".tmp-cut-short").exists()  # the kill really landed inside the second shard
+    assert (out / "shard-000000.tar").read_bytes() == open(os.path.join(ref, "shard-000000.tar"), "rb").read()
+    # half repacked: neither _SUCCESS nor an index of the earlier packing may be left to trust
+    assert not (out / "_SUCCESS").exists() and not (out / "index.json").exists()
+
+    stats = run(load_curate_config(cfg_path), progress=False, echo=lambda _: None)
+    _same_outputs(out, ref)
+    assert (out / "_SUCCESS").exists() and stats["counts"] == curated["stats"]["counts"]
