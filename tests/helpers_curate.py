@@ -22,8 +22,9 @@ def crafted_pickle(marker) -> bytes:
 
 def run_unprivileged(code: str, *args: str, workdir: str, user: str = "nobody", timeout: float = 120):
     """Run Python ``code`` (with ``args`` in sys.argv[1:]) as ``user``, importing this checkout's
-    ``data_pipeline``; returns the CompletedProcess. Skips the test when no interpreter of this
-    Python version can be run by that user.
+    ``data_pipeline``; returns the CompletedProcess. When no interpreter of this Python version can be
+    run by that user (the venv sits in a folder only root can enter), the code runs as root without
+    CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH (setpriv), which gives the same EACCES.
 
     The suite runs as root, for whom every permission check passes; a real EACCES needs another
     user. ``workdir`` must be a folder that user can read: the ``data_pipeline`` package is copied
@@ -76,4 +77,14 @@ def run_unprivileged(code: str, *args: str, workdir: str, user: str = "nobody", 
         if check.returncode == 0 and check.stdout.strip() == version:
             return run(exe, code, *args)
         tried.append(f"{exe}: rc {check.returncode} {check.stderr.strip()[-200:]}")
-    pytest.skip(f"no Python {version} that user {user!r} can run with this site-packages: {tried}")
+    # The checkout or its venv is not readable by that user (e.g. under /root): stay root but without
+    # the capabilities that bypass file permissions, so a mode-000 file still gives a real EACCES.
+    setpriv = shutil.which("setpriv")
+    if setpriv and os.geteuid() == 0:
+        caps = "-dac_override,-dac_read_search"
+        r = subprocess.run([setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}", sys.executable, "-s", "-B",
+                            "-c", prelude + code, *args], cwd=workdir, env={"HOME": workdir, "PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True, timeout=timeout)
+        return r
+    pytest.fail(f"no Python {version} that user {user!r} can run with this site-packages: {tried}, and no "
+                f"setpriv (util-linux) to drop root's file capabilities; the permission test needs one of them")
