@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from launch.local import watch_launcher
+
+    watch_launcher()  # a rank of `vchitect launch` stops when its launcher dies; elsewhere a no-op
     args = build_parser().parse_args(argv)
     from .parallel.dims import ParallelLayoutError
 
