@@ -15,22 +15,28 @@ same way (PyTorch's own watchdog), so nothing keeps training after ``kill -9`` o
 Under torchrun or Slurm the variable is unset and none of this runs.
 
 Exit code: 0 when every rank succeeded; the trainer's preemption code (75) when the ranks
-stopped for a signal; otherwise the first failing rank's code.
+stopped for a signal; 2 when a rank reported a user error (printed once, by the launcher);
+otherwise the first failing rank's code.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 LAUNCHER_PID_ENV = "VCHITECT_LAUNCHER_PID"  # set for the ranks: the pid they watch
+USER_ERRORS_ENV = "VCHITECT_LAUNCH_ERRORS"  # set for the ranks: a folder for their one-line user errors
+EXIT_USER_ERROR = 2
 ORPHAN_GRACE_S = 120.0  # SIGTERM → SIGKILL of a rank whose launcher died (a checkpoint may be saving)
 PR_SET_PDEATHSIG = 1
 
@@ -46,11 +52,12 @@ def launch(nproc: int, argv: list[str], threads_per_rank: int | None = None, gra
         raise ValueError(f"--nproc {nproc}: need at least one process")
     port = free_port()
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
+    errors = Path(tempfile.mkdtemp(prefix="vchitect-launch-"))
     procs: list[subprocess.Popen] = []
     for rank in range(nproc):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   **{LAUNCHER_PID_ENV: str(os.getpid())})
+                   **{LAUNCHER_PID_ENV: str(os.getpid()), USER_ERRORS_ENV: str(errors)})
         env.setdefault("OMP_NUM_THREADS", str(threads))
         # From this (the main) thread: the ranks' parent-death signal fires when the forking thread exits.
         procs.append(subprocess.Popen([sys.executable, "-m", "vchitect.cli", *argv], env=env))
@@ -72,8 +79,9 @@ def launch(nproc: int, argv: list[str], threads_per_rank: int | None = None, gra
                     if p.returncode not in (0, 75) and failed_at is None:
                         failed_at = time.time()
                         first_failure = p.returncode
-                        print(f"[launch] rank {rank} exited with {p.returncode}; stopping the other ranks",
-                              file=sys.stderr)
+                        if not (errors / f"rank-{rank}.txt").exists():  # a user error speaks for itself
+                            print(f"[launch] rank {rank} exited with {p.returncode}; stopping the other ranks",
+                                  file=sys.stderr)
                         for q in procs:
                             if q.poll() is None:
                                 q.terminate()
@@ -85,12 +93,38 @@ def launch(nproc: int, argv: list[str], threads_per_rank: int | None = None, gra
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        reported = _user_errors(errors)
+        shutil.rmtree(errors, ignore_errors=True)
+    if reported:
+        for line in reported:
+            print(line, flush=True)
+        return EXIT_USER_ERROR
     if first_failure is not None:
         return first_failure if first_failure > 0 else 128 - first_failure  # -9 (killed) → 137
     return 75 if any(c == 75 for c in codes.values()) else 0
 
 
+def _user_errors(folder: Path) -> list[str]:
+    """The distinct one-line errors the ranks left in ``folder``, in rank order (usually one line)."""
+    lines: list[str] = []
+    for path in sorted(folder.glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1])):
+        line = path.read_text(errors="replace").strip()
+        if line and line not in lines:
+            lines.append(line)
+    return lines
+
+
 # ------------------------------------------------------------------ rank side
+def report_user_error(line: str) -> bool:
+    """In a rank of :func:`launch`: hand the launcher the one line that explains a user error (it
+    prints each distinct line once, instead of one copy per rank). False outside such a rank."""
+    folder = os.environ.get(USER_ERRORS_ENV)
+    if not folder or not os.path.isdir(folder):
+        return False
+    (Path(folder) / f"rank-{os.environ.get('RANK', '0')}.txt").write_text(line + "\n")
+    return True
+
+
 def set_parent_death_signal(sig: int) -> bool:
     """Linux: deliver ``sig`` to this process when the thread that forked it exits. False elsewhere."""
     if not sys.platform.startswith("linux"):

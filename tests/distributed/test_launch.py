@@ -54,15 +54,19 @@ def precomputed_shards(root: Path, shards: int = 2, per_shard: int = 8) -> Path:
     return root
 
 
+def shard_data(uri, **kw) -> dict:
+    """The ``data:`` section that reads :func:`precomputed_shards` (or whatever ``uri`` names)."""
+    return {"source": "shards", "sources": [{"uri": str(uri)}], "mode": "precomputed", "latent_channels": 4,
+            "text": {"max_length": 6, "dim": 32, "pooled_dim": 16}, **kw}
+
+
 def test_sigkill_of_the_launcher_stops_every_rank_and_dataloader_worker(tmp_path):
     """Shard data with one forked DataLoader worker per rank, so the tree is launcher → 2 ranks →
     1 worker each. After `kill -9` of the launcher the ranks get SIGTERM (parent-death signal and
     watchdog), checkpoint like a preempted run and exit; the workers follow their rank."""
     run = tmp_path / "run"
     data = precomputed_shards(tmp_path / "shards")
-    cfg = write_config(tmp_path, data={"source": "shards", "sources": [{"uri": str(data)}], "mode": "precomputed",
-                                       "latent_channels": 4, "text": {"max_length": 6, "dim": 32, "pooled_dim": 16},
-                                       "num_workers": 1},
+    cfg = write_config(tmp_path, data=shard_data(data, num_workers=1),
                        train={"output_dir": str(run), "steps": 100000, "checkpoint_every": 0})
     with open(tmp_path / "launch.log", "w") as log:  # a file, not a pipe: nobody has to keep reading it
         launcher = subprocess.Popen([sys.executable, "-m", "vchitect.cli", "launch", "--nproc", "2", "train", str(cfg)],
@@ -85,7 +89,7 @@ def test_sigkill_of_the_launcher_stops_every_rank_and_dataloader_worker(tmp_path
         while any(alive(p) for p in ranks + workers) and time.time() < deadline:
             time.sleep(0.1)
         left = [p for p in ranks + workers if alive(p)]
-        assert not left, f"still running after the launcher died: {left}\n" + (tmp_path / "launch.log").read_text()[-3000:]
+        assert not left, f"alive after the launcher died: {left}\n" + (tmp_path / "launch.log").read_text()[-3000:]
         assert find_latest(run / "checkpoints") is not None  # they stopped like a preempted run: saved, then left
     finally:  # whatever happened, leave no process of this test behind
         for pid in [launcher.pid] + ranks + workers:
