@@ -21,6 +21,7 @@ otherwise the first failing rank's code.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -154,6 +155,10 @@ def _orphan_watchdog(launcher: int, grace_s: float, poll_s: float) -> None:
         print(f"[launch] the launcher (pid {launcher}) is gone; stopping this rank", file=sys.stderr, flush=True)
     except (OSError, ValueError):  # stderr may have gone with the launcher (a closed pipe)
         pass
+    folder = os.environ.pop(USER_ERRORS_ENV, None)
+    if folder:  # the launcher would have removed it; empty unless a rank had reported an error
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
     os.kill(os.getpid(), signal.SIGTERM)  # as if forwarded: finish the step, checkpoint, exit 75
     time.sleep(grace_s)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -82,6 +82,9 @@ def test_sigkill_of_the_launcher_stops_every_rank_and_dataloader_worker(tmp_path
         ranks = tree.get(launcher.pid, [])
         workers = [w for r in ranks for w in tree.get(r, [])]
         assert len(ranks) == 2 and len(workers) >= 2, (ranks, workers)  # both ranks train, each with a worker
+        environ = Path(f"/proc/{ranks[0]}/environ").read_bytes().split(b"\0")
+        errors = Path(next(v for v in environ if v.startswith(b"VCHITECT_LAUNCH_ERRORS=")).split(b"=", 1)[1].decode())
+        assert errors.is_dir()  # the launcher's folder for the ranks' one-line errors
 
         launcher.send_signal(signal.SIGKILL)
         launcher.wait(timeout=10)
@@ -91,6 +94,7 @@ def test_sigkill_of_the_launcher_stops_every_rank_and_dataloader_worker(tmp_path
         left = [p for p in ranks + workers if alive(p)]
         assert not left, f"alive after the launcher died: {left}\n" + (tmp_path / "launch.log").read_text()[-3000:]
         assert find_latest(run / "checkpoints") is not None  # they stopped like a preempted run: saved, then left
+        assert not errors.exists()  # the launcher cannot remove it any more; the ranks did
     finally:  # whatever happened, leave no process of this test behind
         for pid in [launcher.pid] + ranks + workers:
             if alive(pid):
