@@ -20,6 +20,7 @@ import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import ConfigError, load_config, to_yaml
@@ -85,32 +86,48 @@ def cmd_model_info(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from .train.trainer import train
-
+def load_train_config(args):
+    """The run config of `train CONFIG [overrides] [--resume …]`."""
     cfg = load_config(args.config, args.overrides)
     if args.resume is not None:
         cfg.train.resume = args.resume
-    code = train(cfg)
-    if os.environ.get("LOCAL_RANK") is not None:
-        # A launched worker whose run has finished: metrics, checkpoints and the process group are
-        # closed, so skip the interpreter's teardown. Destructors of C++ threads at exit have
-        # aborted finished gloo runs ("terminate called without an active exception", SIGABRT),
-        # which turned a completed job into a failed one (seen in 2-rank and 2-node runs under load).
-        import logging
+    return cfg
 
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+
+def leave_if_rank(code: int) -> None:
+    """In a launched worker (LOCAL_RANK set: torchrun, `vchitect launch`, or a run whose process
+    group is up), exit with ``code`` now, skipping the interpreter's teardown. Destructors of C++
+    threads at exit have aborted finished gloo runs ("terminate called without an active
+    exception", SIGABRT), which turned a completed job into a failed one (seen in 2-rank and 2-node
+    runs under load), and an exit code chosen here must be the one the launcher sees."""
+    if os.environ.get("LOCAL_RANK") is None:
+        return
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def cmd_train(args) -> int:
+    from .train.trainer import train
+
+    code = train(load_train_config(args))
+    leave_if_rank(code)  # the run has finished: metrics, checkpoints and the process group are closed
     return code
 
 
 def cmd_launch(args) -> int:
     from launch.local import launch
 
-    if not args.command_argv:
-        raise SystemExit("vchitect launch: give the command to run, e.g. `vchitect launch --nproc 2 train CONFIG`")
+    if not args.command_argv or args.nproc < 1:
+        raise ConfigError("vchitect launch: give --nproc N (N >= 1) and the command to run, e.g. "
+                          "`vchitect launch --nproc 2 train CONFIG`")
+    if args.command_argv[0] == "train":  # config and paths are checked once, here, before any rank starts
+        from .train.preflight import preflight
+
+        preflight(load_train_config(build_parser().parse_args(args.command_argv)), world_size=args.nproc)
     return launch(args.nproc, args.command_argv)
 
 
@@ -237,14 +254,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from launch.local import watch_launcher
+
+    watch_launcher()  # a rank of `vchitect launch` stops when its launcher dies; elsewhere a no-op
     args = build_parser().parse_args(argv)
     from .parallel.dims import ParallelLayoutError
 
     try:
         return args.func(args) or 0
     except (ConfigError, ParallelLayoutError) as exc:
-        console.print(f"[bold red]config error:[/] {exc}", highlight=False)
-        return 2
+        return user_error("config error", str(exc))
+
+
+def user_error(kind: str, message: str) -> int:
+    """Report a mistake the user can fix as one line ``KIND: message`` and return exit code 2.
+    A rank of `vchitect launch` hands the line to the launcher, which prints each distinct line once."""
+    from launch.local import report_user_error
+
+    if not report_user_error(f"{kind}: {message}"):
+        # soft_wrap: one line however long (rich would otherwise wrap at the terminal's or 80 columns)
+        console.print(f"[bold red]{kind}:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    leave_if_rank(2)
+    return 2
 
 
 if __name__ == "__main__":

@@ -320,8 +320,12 @@ def test_brace_and_glob_sources(video_dir):
     brace = cfg_for(str(video_dir / "train-{000000..000001}.tar"), mode="decode")
     glob = cfg_for(str(video_dir / "train-00000[01].tar"), mode="decode")
     assert ShardLoader(brace).shards == ShardLoader(glob).shards and len(ShardLoader(glob).shards[0]) == 2
-    with pytest.raises(FileNotFoundError, match="no \\*.tar shards"):
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].uri=.*nothing-\*.tar.*matches no \*.tar file"):
         ShardLoader(cfg_for(os.path.join(str(video_dir), "nothing-*.tar")))
+    with pytest.raises(ConfigError, match="none of the files it names exists"):
+        ShardLoader(cfg_for(str(video_dir / "other-{000000..000001}.tar")))
+    with pytest.raises(ConfigError, match="the folder holds no \\*.tar shards"):
+        ShardLoader(cfg_for(video_dir.parent))
 
 
 # -- synthetic --------------------------------------------------------------------------------

@@ -187,6 +187,27 @@ def test_cli_export_and_sample_write_files(ckpt, tmp_path, capsys):
         assert sum(1 for _ in c.decode(video=0)) == 3
 
 
+def test_cli_user_errors_are_one_line_with_exit_code_2(ckpt, tmp_path, capsys):
+    """Through vchitect.cli.main: a missing checkpoint, a bad --max-shard-size, a bad --out suffix
+    (caught before sampling, not after) — one `… error:` line each, exit code 2, nothing written."""
+    from vchitect.cli import main
+
+    root, _ = ckpt
+    prompt = ["--prompt", "a cat", "--steps", "1", "--frames", "2"]
+    cases = [(["export", str(tmp_path / "missing"), str(tmp_path / "p")], "export error: ", "does not exist"),
+             (["export", str(root / "run"), str(tmp_path / "p"), "--max-shard-size", "5XB"], "export error: ",
+              "--max-shard-size '5XB': give a size such as 5GB"),
+             (["sample", str(tmp_path / "missing"), *prompt, "--out", str(tmp_path / "v.gif")], "sample error: ",
+              "does not exist"),
+             (["sample", str(root / "run"), *prompt, "--out", str(tmp_path / "v.avi")], "sample error: ",
+              "write .mp4 or .gif")]
+    for argv, kind, words in cases:
+        assert main(argv) == 2, argv
+        out = capsys.readouterr().out
+        assert out.count("\n") == 1 and out.startswith(kind) and words in out, out
+    assert not (tmp_path / "p").exists() and not list(tmp_path.glob("v.*"))
+
+
 def test_pipeline_schedule_follows_the_exported_shift():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -12,6 +12,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from vchitect.config import ConfigError
+
 
 def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 → float in [-1, 1] (the VAE's input range)."""
@@ -67,7 +69,7 @@ def load_encoders(cfg, device: str | torch.device = "cpu"):
                              e.dtype, e.pooled_encoder_path, cache_size=e.text_cache_size) \
         if e.text_encoder_path else None
     if cfg.source == "shards" and cfg.mode == "decode" and (vae is None or text is None):
-        raise ValueError(f"data.mode={cfg.mode} decodes videos, which needs data.encoders.vae_path and "
+        raise ConfigError(f"data.mode={cfg.mode} decodes videos, which needs data.encoders.vae_path and "
                          f"data.encoders.text_encoder_path (local folders); set both (or train in "
                          f"pixel space: latent_channels 3, vae factors 1, no vae_path), or use "
                          f"mode=precomputed with shards that hold latent.npy / text.npy")

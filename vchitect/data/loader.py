@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
-from .sources import list_shards
+from .sources import list_shards, local_source_problem, source_error
 from .stream import WorkerStream, fresh_state
 
 log = logging.getLogger("vchitect.data")
@@ -56,11 +56,11 @@ class ShardLoader:
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
         self.workers = max(1, cfg.num_workers)
         self.shards = []
-        for src in cfg.sources:
-            found = list_shards(src.uri, cfg.s3)
+        for i, src in enumerate(cfg.sources):
+            problem = None if src.uri.startswith("s3://") else local_source_problem(src.uri)
+            found = [] if problem else list_shards(src.uri, cfg.s3)
             if not found:
-                raise FileNotFoundError(f"data source {src.uri!r} has no *.tar shards; check the path "
-                                        f"(a folder, a brace/glob pattern or s3://bucket/prefix)")
+                raise source_error(i, src.uri, problem or "no *.tar objects under this prefix")
             self.shards.append(found)
         self._states: dict[int, dict] = {}  # stream (logical worker) → state after its last batch
         self._consumed = 0

@@ -15,6 +15,8 @@ import tarfile
 import time
 from typing import Callable, Iterator, Optional
 
+from vchitect.config import ConfigError
+
 from .config import S3Config
 
 log = logging.getLogger("vchitect.data")
@@ -82,6 +84,29 @@ def list_shards(uri: str, s3: S3Config) -> list[str]:
     if os.path.isdir(uri):
         return sorted(os.path.join(uri, n) for n in os.listdir(uri) if n.endswith(".tar"))
     return [uri] if uri.endswith(".tar") else []
+
+
+SOURCE_HINT = ("point it at a folder of *.tar shards (what `vchitect-curate run` writes), a brace or glob pattern "
+               "of them, or s3://bucket/prefix; or set data.source=synthetic")
+
+
+def local_source_problem(uri: str) -> Optional[str]:
+    """Why the local source ``uri`` has no shard to read, or None when it has one. Cheap: stops at
+    the first shard found (a brace pattern with some files missing passes; those are skipped later)."""
+    if "{" in uri:
+        return None if any(os.path.isfile(p) for p in _expand_braces(uri)) else "none of the files it names exists"
+    if any(c in uri for c in "*?["):
+        return None if any(p.endswith(".tar") for p in globlib.iglob(uri)) else "the pattern matches no *.tar file"
+    if os.path.isdir(uri):
+        with os.scandir(uri) as entries:
+            return None if any(e.name.endswith(".tar") for e in entries) else "the folder holds no *.tar shards"
+    if os.path.isfile(uri):
+        return None if uri.endswith(".tar") else "is a file but not a .tar shard"
+    return "no such folder or file"
+
+
+def source_error(index: int, uri: str, problem: str) -> ConfigError:
+    return ConfigError(f"data.sources[{index}].uri={uri!r}: {problem}; {SOURCE_HINT}")
 
 
 def open_shard(url: str, s3: S3Config):

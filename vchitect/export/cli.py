@@ -10,20 +10,25 @@ video tokens over the N ranks with Ulysses sequence parallelism; rank 0 writes t
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 
 def cmd_export(args) -> int:
+    from vchitect.cli import user_error
+
     from .export import ExportError, export
 
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", args.max_shard_size, re.IGNORECASE):
+        return user_error("export error", f"--max-shard-size {args.max_shard_size!r}: give a size such as 5GB or "
+                          f"500MB (units KB, MB, GB, TB)")
     try:
         export(args.ckpt, args.out, ema=args.ema, dtype=args.dtype, base=args.base, max_shard_size=args.max_shard_size,
                overwrite=args.overwrite)
     except ExportError as exc:
-        print(f"export error: {exc}")
-        return 2
+        return user_error("export error", str(exc))
     return 0
 
 
@@ -107,11 +112,14 @@ def _init_sequence_parallel(pipe, device):
 def cmd_sample(args) -> int:
     import torch
 
+    from vchitect.cli import user_error
     from vchitect.diffusion.fastercache import FasterCacheConfig
     from vchitect.diffusion.freeinit import FreeInitConfig
 
     from .export import ExportError
 
+    if Path(args.out).suffix.lower() not in (".mp4", ".gif"):  # before minutes of sampling, not after
+        return user_error("sample error", f"--out {args.out}: write .mp4 or .gif")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -119,8 +127,7 @@ def cmd_sample(args) -> int:
     try:
         pipe = load_pipeline(args)
     except ExportError as exc:
-        print(f"sample error: {exc}")
-        return 2
+        return user_error("sample error", str(exc))
     pipe.to(device)
     rank = _init_sequence_parallel(pipe, device)
     fastercache = FasterCacheConfig() if args.fastercache else None
@@ -131,8 +138,7 @@ def cmd_sample(args) -> int:
                      width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                      generator=generator, output_type="np", fastercache=fastercache, freeinit=freeinit).frames
     except ValueError as exc:  # shapes, missing text encoder / VAE: the message says what to do
-        print(f"sample error: {exc}")
-        return 2
+        return user_error("sample error", str(exc))
     if rank == 0:
         path = write_video(video[0], args.out, fps=args.fps)
         print(f"wrote {path} ({video.shape[1]} frames, {video.shape[2]}×{video.shape[3]})")

@@ -42,29 +42,43 @@ class WeightImportError(ValueError):
     """A checkpoint does not fit the model; the message names the key and what was expected."""
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors checkpoint (single file or sharded folder), on CPU."""
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors file(s) that ``path`` names, each checked to exist; reads nothing but an index.
+    Cheap enough to check a ``train.init_from`` path before any rank starts."""
     path = Path(path)
+    if not path.exists():
+        raise WeightImportError(f"{path} does not exist; give a .safetensors file or a folder holding "
+                                f"{WEIGHTS_NAME} (or {INDEX_NAME} and its shards)")
     if path.is_dir():
         index = path / INDEX_NAME
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(load_file(str(path / shard)))
-            return state
-        single = path / WEIGHTS_NAME
-        if single.is_file():
-            return load_file(str(single))
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise WeightImportError(f"{index} is not a safetensors index with a weight_map ({exc!r})") from None
+            files = [path / shard for shard in shards]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise WeightImportError(f"{index} names {len(missing)} shard file(s) that are not in {path} "
+                                        f"(first: {missing[0]}); copy the whole checkpoint folder")
+            return files
+        if (path / WEIGHTS_NAME).is_file():
+            return [path / WEIGHTS_NAME]
         if (path / "diffusion_pytorch_model.bin").exists():
             raise WeightImportError(f"{path} holds only a pickle checkpoint (.bin), which is never loaded for safety; "
                                     f"convert it to safetensors first")
         raise WeightImportError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
     if path.suffix != ".safetensors":
         raise WeightImportError(f"{path}: only .safetensors checkpoints are read (pickle files are never loaded)")
-    if not path.is_file():
-        raise WeightImportError(f"checkpoint {path} does not exist")
-    return load_file(str(path))
+    return [path]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors checkpoint (single file or sharded folder), on CPU."""
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        state.update(load_file(str(file)))
+    return state
 
 
 def _model_from_released_config(path: Path) -> Optional[VchitectTransformer3DModel]:

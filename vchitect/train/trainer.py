@@ -3,7 +3,7 @@
     vchitect train CONFIG [overrides]                     (one process, or under torchrun)
     vchitect launch --nproc N train CONFIG [overrides]    (N local processes)
 
-Set-up order: validate the config (before any process group exists) → process group → model →
+Set-up order: preflight of config and paths (no process group yet) → process group → model →
 initial weights → trainable set → parallelize (TP → SP → AC → compile → FSDP) → optimizer,
 schedule, EMA → data → resume. Each step: micro-batches (noise, timesteps and text dropout drawn
 from a generator keyed on seed, data-parallel rank and step, so resumes repeat them exactly) →
@@ -36,6 +36,7 @@ from .safe_dcp import UnsafeCheckpointError, read_metadata
 from .ema import EMA
 from .metrics import MetricWriter, device_peak_flops, peak_memory_gib
 from .optim import apply_trainable, build_optimizer, build_scheduler
+from .preflight import init_from_error, preflight
 from .signals import EXIT_PREEMPTED, PreemptionFlag
 
 log = logging.getLogger("vchitect.train")
@@ -61,7 +62,7 @@ def resolve_device(choice: str) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
+        raise ConfigError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
     return choice
 
 
@@ -69,10 +70,8 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         tc = cfg.train
-        # --- everything that can be wrong with the config fails here, before any process group
-        cfg.check_data_fits_model()
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        self.dims = cfg.parallel.dims(world_size=world, num_heads=cfg.model.num_attention_heads)
+        # --- everything that can be wrong with the config or its paths fails here, before any process group
+        self.dims = preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
         self.device_type = resolve_device(tc.device)
 
         init_distributed(self.device_type)
@@ -126,13 +125,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up helpers
     def _load_initial_weights(self, spec: str) -> None:
-        from vchitect.models.weights import init_from_sd3, load_vchitect2
+        from vchitect.models.weights import WeightImportError, init_from_sd3, load_vchitect2
 
         kind, path = spec.split(":", 1)
-        if kind == "vchitect2":
-            load_vchitect2(path, self.model)
-        else:
-            init_from_sd3(path, self.model)
+        try:
+            if kind == "vchitect2":
+                load_vchitect2(path, self.model)
+            else:
+                init_from_sd3(path, self.model)
+        except WeightImportError as exc:  # keys or shapes that do not fit: the config's mistake
+            raise init_from_error(spec, exc) from None
 
     def _load_encoders(self):
         from vchitect.data.encode import load_encoders
@@ -167,7 +169,10 @@ class Trainer:
         self.checkpointer.save(self.step, self._state(), meta)
 
     def _resume(self) -> None:
-        path = self.checkpointer.resolve_resume(self.cfg.train.resume)
+        try:
+            path = self.checkpointer.resolve_resume(self.cfg.train.resume)
+        except FileNotFoundError as exc:  # an explicit path that is no complete checkpoint
+            raise ConfigError(str(exc)) from None
         if path is None:
             return
         try:

@@ -1,0 +1,149 @@
+"""Every user error is one line with exit code 2, never a traceback per rank.
+
+Each case runs the real CLI as ``vchitect train`` and as ``vchitect launch --nproc 2 train``.
+Mistakes the preflight sees (missing or empty data folder, missing resume folder, missing
+init_from weights) stop before any rank starts; the others (a resume folder that is no
+checkpoint, weights that do not fit the model) are found by the ranks, and the launcher still
+prints one line and returns 2. The subprocesses of all cases run concurrently (a fixture), so
+the module costs about the time of its slowest few runs, not the sum of them.
+"""
+
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.distributed.test_launch import shard_data
+from tests.distributed.test_trainer import ENV, write_config
+
+# case → (what goes wrong, words the one line must hold besides the key), where {tmp} is the case's folder
+CASES = {
+    "missing_data": ("data.sources[0].uri=", ["{tmp}/no-such-folder", "no such folder",
+                                              "point it at a folder of *.tar shards"]),
+    "empty_data": ("data.sources[0].uri=", ["{tmp}/empty", "holds no *.tar shards",
+                                            "point it at a folder of *.tar shards"]),
+    "missing_resume": ("train.resume=", ["{tmp}/no-checkpoint", "no such folder", "give a step-"]),
+    "missing_init_from": ("train.init_from=", ["{tmp}/no-weights", "does not exist",
+                                               "give a .safetensors file"]),
+    # found by the ranks, after the preflight passed
+    "resume_not_a_checkpoint": ("train.resume=", ["{tmp}/not-a-checkpoint"]),
+    "init_from_does_not_fit": ("train.init_from=", ["{tmp}/foreign.safetensors", "no place in this model"]),
+}
+PREFLIGHT = {"missing_data", "empty_data", "missing_resume", "missing_init_from"}
+MODES = {"train": [], "launch": ["launch", "--nproc", "2"]}
+
+
+def case_command(case: str, tmp: Path) -> list[str]:
+    """The `train CONFIG …` arguments that make ``case`` happen, with its files under ``tmp``."""
+    train = {"output_dir": str(tmp / "run"), "steps": 2}
+    data, extra = {}, []
+    if case == "missing_data":
+        data = shard_data(tmp / "no-such-folder")
+    elif case == "empty_data":
+        (tmp / "empty").mkdir()
+        (tmp / "empty" / "README.txt").write_text("shards were meant to be here")
+        data = shard_data(tmp / "empty")
+    elif case == "missing_resume":
+        extra = ["--resume", str(tmp / "no-checkpoint")]
+    elif case == "resume_not_a_checkpoint":
+        (tmp / "not-a-checkpoint").mkdir()
+        extra = ["--resume", str(tmp / "not-a-checkpoint")]
+    elif case == "missing_init_from":
+        train["init_from"] = f"sd3:{tmp / 'no-weights'}"
+    elif case == "init_from_does_not_fit":
+        save_file({"not_a_vchitect_key.weight": torch.zeros(2)}, str(tmp / "foreign.safetensors"))
+        train["init_from"] = f"sd3:{tmp / 'foreign.safetensors'}"
+    cfg = write_config(tmp, **({"data": data} if data else {}), train=train)
+    return ["train", str(cfg), *extra]
+
+
+def strip_terminal(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
+
+
+def run_cli(args: list[str], in_pty: bool = False, timeout: float = 300) -> tuple[int, str, float]:
+    """(exit code, stdout + stderr, seconds) of ``python -m vchitect.cli ARGS``; under a pseudo-terminal
+    80 columns wide when ``in_pty`` (rich then colours and would wrap at 80)."""
+    import pty
+
+    cmd = [sys.executable, "-m", "vchitect.cli", *args]
+    t0 = time.time()
+    if not in_pty:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+        return r.returncode, r.stdout + r.stderr, time.time() - t0
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=dict(ENV, TERM="xterm-256color"))
+    os.close(slave)
+    out = b""
+    try:
+        while time.time() - t0 < timeout:
+            if select.select([master], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every process holding the terminal has gone
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        code = proc.wait(timeout=30)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return code, strip_terminal(out.decode(errors="replace")), time.time() - t0
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """(case, mode, in_pty) → (exit code, output, seconds, case folder), all run concurrently."""
+    jobs = {(case, mode, False) for case in CASES for mode in MODES} | {("missing_data", "train", True)}
+
+    folders = {job: tmp_path_factory.mktemp(f"{job[0]}-{job[1]}-{'pty' if job[2] else 'pipe'}") for job in jobs}
+
+    def run(job):
+        case, mode, in_pty = job
+        return job, (*run_cli(MODES[mode] + case_command(case, folders[job]), in_pty), folders[job])
+
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:  # imports are CPU-bound
+        return dict(pool.map(run, sorted(jobs)))
+
+
+def check_one_line(code: int, out: str, must_hold: list[str], kind: str = "config error") -> str:
+    assert code == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    lines = [line for line in out.splitlines() if f"{kind}:" in line]
+    assert len(lines) == 1, out[-3000:]  # one copy, not one per rank; not wrapped at 80 columns
+    for words in must_hold:
+        assert words in lines[0], (words, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_error_is_one_config_error_line_with_exit_code_2(results, case, mode):
+    code, out, seconds, tmp = results[(case, mode, False)]
+    key, words = CASES[case]
+    check_one_line(code, out, [key] + [w.format(tmp=tmp) for w in words])
+    if case in PREFLIGHT:  # found before any rank (or process group) started: nothing else printed or written
+        assert [line for line in out.splitlines() if line.strip()] == [out.strip()], out[-3000:]
+        assert not (tmp / "run").exists()
+
+
+def test_user_error_under_a_terminal_is_one_line_too(results):
+    """The same case as missing_data-train (a pipe), on an 80-column pseudo-terminal."""
+    code, out, seconds, tmp = results[("missing_data", "train", True)]
+    line = check_one_line(code, out, ["data.sources[0].uri=", f"{tmp}/no-such-folder", "set data.source=synthetic"])
+    assert len(line) > 80  # longer than the terminal: rich must not have wrapped it

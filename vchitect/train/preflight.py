@@ -1,0 +1,80 @@
+"""Checks that stop a training run before any rank starts, each as one :class:`ConfigError`.
+
+Run by the trainer in every process before the process group exists (``vchitect train``, a
+torchrun rank) and by ``vchitect launch`` once, before it spawns ranks, so that a mistake in the
+config or a path is one ``config error: …`` line with exit code 2, not a traceback per rank.
+
+What is checked: the data fits the model; the parallel layout fits the world; every local data
+source holds at least one shard (``s3://`` sources are listed by the ranks, whose loader raises
+the same error); the encoder folders exist; ``train.init_from`` names safetensors files that exist; an explicit
+``train.resume`` is an existing folder (whether it is a complete checkpoint, the checkpointer
+decides). Everything here is cheap: no tensor is read, no folder is listed in full.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vchitect.config import Config, ConfigError
+
+RESUME_HINT = "give a step-XXXXXXXXX checkpoint folder, auto (the newest in train.output_dir) or none"
+
+
+def preflight(cfg: Config, world_size: int):
+    """Raise :class:`ConfigError` (or ``ParallelLayoutError``) for the first problem; return the
+    :class:`~vchitect.parallel.dims.ParallelDims` of ``world_size`` ranks."""
+    cfg.check_data_fits_model()
+    dims = cfg.parallel.dims(world_size=world_size, num_heads=cfg.model.num_attention_heads)
+    check_data_sources(cfg)
+    check_encoder_folders(cfg)
+    check_init_from(cfg.train.init_from)
+    check_resume(cfg.train.resume)
+    return dims
+
+
+def check_data_sources(cfg: Config) -> None:
+    from vchitect.data.sources import local_source_problem, source_error
+
+    if cfg.data.source != "shards":
+        return
+    for i, src in enumerate(cfg.data.sources):
+        if src.uri.startswith("s3://"):
+            continue  # listing a bucket prefix can take long; the ranks' loader reports an empty one
+        problem = local_source_problem(src.uri)
+        if problem:
+            raise source_error(i, src.uri, problem)
+
+
+def check_encoder_folders(cfg: Config) -> None:
+    e = cfg.data.encoders
+    for key, path in (("vae_path", e.vae_path), ("text_encoder_path", e.text_encoder_path),
+                      ("pooled_encoder_path", e.pooled_encoder_path)):
+        if path and not Path(path).is_dir():
+            raise ConfigError(f"data.encoders.{key}={path!r}: no such folder; give a local diffusers / "
+                              f"transformers model folder (weights are never downloaded)")
+
+
+def check_init_from(spec: str | None) -> None:
+    if not spec:
+        return
+    from vchitect.models.weights import WeightImportError, weight_files
+
+    _, path = spec.split(":", 1)  # the prefix was validated with the config
+    try:
+        weight_files(path)
+    except WeightImportError as exc:
+        raise init_from_error(spec, exc) from None
+
+
+def init_from_error(spec: str, exc: Exception) -> ConfigError:
+    return ConfigError(f"train.init_from={spec!r}: {exc}")
+
+
+def check_resume(resume: str) -> None:
+    if resume in ("auto", "none"):
+        return
+    path = Path(resume)
+    if not path.exists():
+        raise ConfigError(f"train.resume={resume!r}: no such folder; {RESUME_HINT}")
+    if not path.is_dir():
+        raise ConfigError(f"train.resume={resume!r} is a file, not a checkpoint folder; {RESUME_HINT}")
