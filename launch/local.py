@@ -38,7 +38,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 LAUNCHER_PID_ENV = "VCHITECT_LAUNCHER_PID"  # set for the ranks: the pid they watch
 USER_ERRORS_ENV = "VCHITECT_LAUNCH_ERRORS"  # set for the ranks: a folder for their one-line user errors
 EXIT_USER_ERROR = 2
-ORPHAN_GRACE_S = 120.0  # SIGTERM → SIGKILL of a rank whose launcher died (a checkpoint may be saving)
+ORPHAN_GRACE_S = 10.0  # SIGTERM → SIGKILL of a rank whose launcher died: a quick checkpoint fits, nothing lingers
 PR_SET_PDEATHSIG = 1
 
 

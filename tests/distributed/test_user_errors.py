@@ -1,9 +1,9 @@
 """Every user error is one line with exit code 2, never a traceback per rank.
 
 Each case runs the real CLI as ``vchitect train`` and as ``vchitect launch --nproc 2 train``.
-Mistakes the preflight sees (missing or empty data folder, missing resume folder, missing
-init_from weights) stop before any rank starts; the others (a resume folder that is no
-checkpoint, weights that do not fit the model) are found by the ranks, and the launcher still
+Mistakes the preflight sees (missing or empty data folder, a missing resume folder or one that is
+no checkpoint, missing init_from weights) stop before any rank starts; the others (a checkpoint
+whose SHA-256 does not match, weights that do not fit the model) are found by the ranks, and the launcher still
 prints one line and returns 2. The subprocesses of all cases run concurrently (a fixture), so
 the module costs about the time of its slowest few runs, not the sum of them.
 """
@@ -33,11 +33,13 @@ CASES = {
     "missing_resume": ("train.resume=", ["{tmp}/no-checkpoint", "no such folder", "give a step-"]),
     "missing_init_from": ("train.init_from=", ["{tmp}/no-weights", "does not exist",
                                                "give a .safetensors file"]),
-    # found by the ranks, after the preflight passed
-    "resume_not_a_checkpoint": ("train.resume=", ["{tmp}/not-a-checkpoint"]),
+    "resume_not_a_checkpoint": ("train.resume=", ["{tmp}/not-a-checkpoint",
+                                                  "is not a step-XXXXXXXXX checkpoint folder"]),
+    # found by the ranks, after the preflight passed (it checks sizes; the ranks check SHA-256s)
+    "resume_corrupted": ("train.resume=", ["{tmp}/checkpoints/step-000000001", "does not match its SHA-256"]),
     "init_from_does_not_fit": ("train.init_from=", ["{tmp}/foreign.safetensors", "no place in this model"]),
 }
-PREFLIGHT = {"missing_data", "empty_data", "missing_resume", "missing_init_from"}
+PREFLIGHT = {"missing_data", "empty_data", "missing_resume", "resume_not_a_checkpoint", "missing_init_from"}
 MODES = {"train": [], "launch": ["launch", "--nproc", "2"]}
 
 
@@ -56,6 +58,8 @@ def case_command(case: str, tmp: Path) -> list[str]:
     elif case == "resume_not_a_checkpoint":
         (tmp / "not-a-checkpoint").mkdir()
         extra = ["--resume", str(tmp / "not-a-checkpoint")]
+    elif case == "resume_corrupted":
+        extra = ["--resume", str(corrupted_checkpoint(tmp / "checkpoints"))]
     elif case == "missing_init_from":
         train["init_from"] = f"sd3:{tmp / 'no-weights'}"
     elif case == "init_from_does_not_fit":
@@ -63,6 +67,19 @@ def case_command(case: str, tmp: Path) -> list[str]:
         train["init_from"] = f"sd3:{tmp / 'foreign.safetensors'}"
     cfg = write_config(tmp, **({"data": data} if data else {}), train=train)
     return ["train", str(cfg), *extra]
+
+
+def corrupted_checkpoint(root: Path) -> Path:
+    """A checkpoint whose shard has the recorded size but one flipped byte."""
+    from vchitect.train.checkpoint import Checkpointer, step_dir
+
+    Checkpointer(root, keep=1, async_save=False).save(1, {"step": 1, "w": torch.zeros(64)},
+                                                       {"step": 1, "world_size": 1, "config": {}})
+    shard = next(step_dir(root, 1).glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return step_dir(root, 1)
 
 
 def strip_terminal(text: str) -> str:

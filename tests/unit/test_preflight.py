@@ -64,7 +64,10 @@ def test_resume_and_encoder_folders(tmp_path):
     check(config(f"train.resume={tmp_path / 'nope'}"), "train.resume=", "no such folder", "give a step-")
     (tmp_path / "file").write_text("x")
     check(config(f"train.resume={tmp_path / 'file'}"), "is a file, not a checkpoint folder")
-    preflight(config(f"train.resume={tmp_path}"), world_size=1)  # a folder: the checkpointer verifies it
+    check(config(f"train.resume={tmp_path}"), "is not a step-XXXXXXXXX checkpoint folder")
+    step = tmp_path / "step-000000001"
+    step.mkdir()
+    check(config(f"train.resume={step}"), "vchitect.json is missing")
     check(config(f"data.encoders.vae_path={tmp_path / 'vae'}"), "data.encoders.vae_path=", "no such folder")
 
 

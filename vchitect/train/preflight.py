@@ -7,8 +7,9 @@ config or a path is one ``config error: …`` line with exit code 2, not a trace
 What is checked: the data fits the model; the parallel layout fits the world; every local data
 source holds at least one shard (``s3://`` sources are listed by the ranks, whose loader raises
 the same error); the encoder folders exist; ``train.init_from`` names safetensors files that exist; an explicit
-``train.resume`` is an existing folder (whether it is a complete checkpoint, the checkpointer
-decides). Everything here is cheap: no tensor is read, no folder is listed in full.
+``train.resume`` is a checkpoint whose files have the sizes its manifest records and whose
+metadata reads (the ranks then also check the SHA-256s, sharing the hashing). Everything here is
+cheap: no tensor is read, no folder is listed in full.
 """
 
 from __future__ import annotations
@@ -78,3 +79,9 @@ def check_resume(resume: str) -> None:
         raise ConfigError(f"train.resume={resume!r}: no such folder; {RESUME_HINT}")
     if not path.is_dir():
         raise ConfigError(f"train.resume={resume!r} is a file, not a checkpoint folder; {RESUME_HINT}")
+    from vchitect.train.checkpoint import STEP_DIR, verify
+
+    reason = (f"{path} is not a step-XXXXXXXXX checkpoint folder" if STEP_DIR.match(path.name) is None
+              else verify(path, checksum=False))
+    if reason:
+        raise ConfigError(f"train.resume={resume!r} cannot be resumed from: {reason}; {RESUME_HINT}")

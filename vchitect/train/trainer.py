@@ -169,10 +169,7 @@ class Trainer:
         self.checkpointer.save(self.step, self._state(), meta)
 
     def _resume(self) -> None:
-        try:
-            path = self.checkpointer.resolve_resume(self.cfg.train.resume)
-        except FileNotFoundError as exc:  # an explicit path that is no complete checkpoint
-            raise ConfigError(str(exc)) from None
+        path = self.checkpointer.resolve_resume(self.cfg.train.resume)  # ConfigError when it does not verify
         if path is None:
             return
         try:
