@@ -104,6 +104,35 @@ def test_export_writes_a_loadable_folder_with_shards_dtype_and_shift(ckpt, tmp_p
     assert torch.equal(w16[name], (sd[name] * 0.9).to(torch.bfloat16))
 
 
+def test_exported_files_are_readable_by_the_group(ckpt, tmp_path):
+    """safetensors writes 0600 and the copied encoder weights are 0600 at the source; an export on a shared
+    cluster gets the modes of any new file under the umask (022 → 0644 files, 0755 folders)."""
+    import os
+    import stat
+
+    root, _ = ckpt
+    source_weights = root / "enc" / "t5" / "model.safetensors"
+    os.chmod(source_weights, 0o600)
+    previous = os.umask(0o022)
+    try:
+        out = export(root / "run", tmp_path / "pipe", max_shard_size="200KB")
+    finally:
+        os.umask(previous)
+    paths = [out, *out.rglob("*")]
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+    weights = [p for p in paths if p.suffix == ".safetensors"]
+    assert len(weights) >= 3 and (out / "text_encoder" / "model.safetensors") in weights
+    wrong = {k: oct(m) for k, m in modes.items() if m != (0o755 if (tmp_path / k).is_dir() else 0o644)}
+    assert not wrong, wrong
+    assert all(modes[str(p.relative_to(tmp_path))] & 0o040 for p in weights)
+    previous = os.umask(0o077)  # a user who wants private files keeps them private
+    try:
+        private = export(root / "run", tmp_path / "private")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((private / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mode) == 0o600
+
+
 def test_export_errors_leave_nothing_behind(ckpt, tmp_path):
     root, _ = ckpt
     with pytest.raises(ExportError, match="choose bf16, fp16 or fp32"):

@@ -10,7 +10,8 @@ Consolidation runs in one process without a process group (``dcp.load(..., no_di
 the metadata gives every tensor's global shape, so a checkpoint saved by any number of ranks,
 sharded or not, loads the same way and gives byte-identical output files.
 
-Output (written to ``OUT.tmp-<pid>`` and renamed when complete)::
+Output (written to ``OUT.tmp-<pid>`` and renamed when complete; every file gets the mode a new
+file gets under the user's umask, safetensors' 0600 included)::
 
     model_index.json
     transformer/   config.json + diffusion_pytorch_model.safetensors (sharded + index above the cap)
@@ -221,6 +222,20 @@ def _copy_components(paths: dict, out: Path) -> dict:
     return index
 
 
+def _default_modes(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the mode ``open()`` / ``mkdir()`` give under the umask:
+    safetensors writes weights 0600 and ``copy2`` keeps a source's restrictive mode, but a model folder on a
+    shared cluster is read by the group (umask 022 → 0644 files, 0755 folders)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, names in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for n in names:
+            os.chmod(os.path.join(root, n), 0o666 & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
 def load_transformer(step_dir: Path, config: dict, ema: bool = False, dtype: str = "fp32"):
     """A :class:`VchitectTransformer3DModel` holding the consolidated weights of ``step_dir``."""
     from vchitect.models import VchitectTransformer3DModel
@@ -330,6 +345,7 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = False, dtype: str = "f
             "shift_reference_tokens": ref_tokens,
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _default_modes(tmp)
         old = None
         if out.exists():  # --overwrite (or an empty folder): swap, so OUT is never missing or partial
             old = out.parent / f".{out.name}.old-{os.getpid()}"
