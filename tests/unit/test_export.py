@@ -84,8 +84,9 @@ def test_export_writes_a_loadable_folder_with_shards_dtype_and_shift(ckpt, tmp_p
     root, model = ckpt
     out = export(root / "run", tmp_path / "pipe", max_shard_size="200KB")
     index = json.loads((out / "model_index.json").read_text())
-    assert index["_class_name"] == "VchitectPipeline"
-    assert index["transformer"] == ["vchitect.models.transformer", "VchitectTransformer3DModel"]
+    assert index["_class_name"] == ["vchitect_pipeline", "VchitectPipeline"]
+    assert index["transformer"] == ["vchitect_transformer", "VchitectTransformer3DModel"]
+    assert (out / "vchitect_pipeline.py").is_file() and (out / "transformer" / "vchitect_transformer.py").is_file()
     assert index["vae"] == ["diffusers", "AutoencoderKL"] and index["text_encoder"] == ["transformers", "T5EncoderModel"]
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     assert len(list((out / "transformer").glob("*.safetensors"))) > 1

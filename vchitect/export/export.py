@@ -14,7 +14,10 @@ Output (written to ``OUT.tmp-<pid>`` and renamed when complete; every file gets 
 file gets under the user's umask, safetensors' 0600 included)::
 
     model_index.json
+    vchitect_pipeline.py + vchitect_*.py   the pipeline's code, generated from vchitect's sources
+                                           (vchitect/export/remote_code.py) for trust_remote_code loading
     transformer/   config.json + diffusion_pytorch_model.safetensors (sharded + index above the cap)
+                   + vchitect_transformer.py + vchitect_models_*.py (the transformer's code)
     scheduler/     FlowMatchEulerDiscreteScheduler with the training shift
     vae/ text_encoder/ tokenizer/   copied from the run config's local paths or --base DIR
     text_encoder_2/ tokenizer_2/     the optional pooled CLIP (data.encoders.pooled_encoder_path)
@@ -308,6 +311,8 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = False, dtype: str = "f
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from .remote_code import write_remote_code
+
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is unknown; choose bf16, fp16 or fp32")
     out = Path(out)
@@ -335,9 +340,8 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = False, dtype: str = "f
             tmp / "scheduler")
         components = _copy_components(paths, tmp)
         index = {
-            "_class_name": "VchitectPipeline",
+            **write_remote_code(tmp),  # _class_name and transformer: the code this folder carries
             "_diffusers_version": diffusers.__version__,
-            "transformer": ["vchitect.models.transformer", "VchitectTransformer3DModel"],
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
             **components,
             "text_encoder_kind": enc_cfg.get("text_encoder_kind", "t5"),
