@@ -114,19 +114,20 @@ def _checkout_files(repo: Path) -> list[str]:
         return files
 
 
-def build_wheel(repo: Path, out: Path) -> Path:
-    """A wheel of ``repo`` built by the running interpreter's pip from a copy of the checkout's files."""
+def build_wheel(repo: Path, out: Path) -> tuple[Path, str]:
+    """A wheel of ``repo`` built by the running interpreter's pip from a copy of the checkout's files,
+    and the build's output (pip -v: the build backend's warnings included)."""
     src = out / "src"
     for rel in _checkout_files(repo):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(repo / rel, src / rel)
     wheels = out / "wheels"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
-                        "-q", "-c", str(repo / "constraints.txt"), "-w", str(wheels), str(src)],
+                        "-v", "-c", str(repo / "constraints.txt"), "-w", str(wheels), str(src)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (wheel,) = wheels.glob("vchitect-*.whl")
-    return wheel
+    return wheel, r.stdout + r.stderr
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +145,7 @@ def env_without_vchitect(tmp_path_factory) -> Env:
 def env_with_vchitect_wheel(tmp_path_factory) -> Env:
     t0 = time.perf_counter()
     root = tmp_path_factory.mktemp("env_with_vchitect_wheel")
-    wheel = build_wheel(REPO, root / "build")
+    wheel, log = build_wheel(REPO, root / "build")
     env = _new_env(root / "venv")
     r = env.run(["python", "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q",
                  "-c", str(REPO / "constraints.txt"), str(wheel)], timeout=600)
@@ -156,5 +157,5 @@ def env_with_vchitect_wheel(tmp_path_factory) -> Env:
     *files, hook_at_startup = where.split()
     assert all(Path(f).is_relative_to(site) for f in files), f"not the wheel's copy: {files} (expected under {site})"
     assert hook_at_startup == "True", "the wheel's vchitect_diffusers_hook.pth did not run at start-up"
-    env.wheel, env.build_seconds = wheel, time.perf_counter() - t0
+    env.wheel, env.info["build_log"], env.build_seconds = wheel, log, time.perf_counter() - t0
     return env

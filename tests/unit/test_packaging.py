@@ -1,5 +1,6 @@
-"""Packaging rules checked in this interpreter: wandb an optional extra imported only when a run enables
-it, one setuptools floor."""
+"""Packaging rules checked in this interpreter: run-time files found in a checkout or as a wheel's package
+data (vchitect/resources.py), wandb an optional extra imported only when a run enables it, one setuptools
+floor. A wheel installed in a fresh environment: tests/e2e/test_wheel_install.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,23 @@ from pathlib import Path
 
 import pytest
 
+from vchitect import resources
+
 REPO = Path(__file__).resolve().parents[2]
+
+
+def test_resources_come_from_the_wheel_copy_when_there_is_one(tmp_path, monkeypatch):
+    assert resources.resource_dir("configs") == REPO / "configs"  # a checkout: its own folders
+    assert resources.resource_dir("slurm") == REPO / "slurm"
+    assert resources.checkout() == REPO
+    (tmp_path / "_resources" / "slurm").mkdir(parents=True)
+    monkeypatch.setattr(resources, "PACKAGED", tmp_path / "_resources")
+    assert resources.resource_dir("slurm") == tmp_path / "_resources" / "slurm"
+    monkeypatch.setattr(resources, "REPO", tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="configs/ folder is missing.*reinstall"):
+        resources.resource_dir("configs")
+    with pytest.raises(ValueError, match="unknown resource"):
+        resources.resource_dir("docs")
 
 
 def test_wandb_is_imported_only_when_a_run_enables_it(tmp_path):
