@@ -5,9 +5,15 @@ it into the build tree) and in PEP 660 editable installs (``editable_wheel`` add
 wheel next to setuptools' own ``__editable__`` files). Its one line imports ``_vchitect_diffusers_hook``
 at interpreter start-up, which makes ``DiffusionPipeline.from_pretrained(folder)`` resolve
 ``VchitectPipeline`` without ``import vchitect`` (see that module and docs/export.md).
+
+For wheels, ``build_py`` also copies the repository's ``configs/*/*.yaml`` and ``slurm/*.sbatch`` into
+the build as package data under ``vchitect/_resources/`` (vchitect/resources.py finds them there, or
+in the checkout for editable installs); MANIFEST.in puts them into sdists.
 """
 
+import glob
 import os
+import shutil
 import warnings
 
 from setuptools import setup
@@ -19,6 +25,15 @@ PTH_NAME = "vchitect_diffusers_hook.pth"
 PTH_LINE = "import sys; exec('try: import _vchitect_diffusers_hook\\nexcept Exception: pass')\n"
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESOURCES = ("configs/**/*.yaml", "slurm/*.sbatch")  # → vchitect/_resources/configs/…, …/slurm/…
+
+
+def _resources():
+    return sorted(os.path.relpath(f, HERE) for pattern in RESOURCES
+                  for f in glob.glob(os.path.join(HERE, pattern), recursive=True))
+
+
 class build_py_with_pth(build_py):
     def run(self):
         super().run()
@@ -26,11 +41,16 @@ class build_py_with_pth(build_py):
             os.makedirs(self.build_lib, exist_ok=True)
             with open(os.path.join(self.build_lib, PTH_NAME), "w", encoding="ascii") as f:
                 f.write(PTH_LINE)
+            for rel in _resources():
+                target = os.path.join(self.build_lib, "vchitect", "_resources", rel)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(os.path.join(HERE, rel), target)
 
     def get_outputs(self, include_bytecode=True):
         outputs = super().get_outputs(include_bytecode)
         if not self.editable_mode:
             outputs.append(os.path.join(self.build_lib, PTH_NAME))
+            outputs += [os.path.join(self.build_lib, "vchitect", "_resources", rel) for rel in _resources()]
         return outputs
 
 

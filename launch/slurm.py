@@ -1,6 +1,7 @@
 """`vchitect submit (train|curate) CONFIG …`: render a Slurm batch script and `sbatch` it.
 
-The templates are ``slurm/train.sbatch`` and ``slurm/curate.sbatch``; ``{{NAME}}`` placeholders
+The templates are ``slurm/train.sbatch`` and ``slurm/curate.sbatch`` (package data in a wheel:
+:func:`vchitect.resources.resource_dir`); ``{{NAME}}`` placeholders
 are filled here (every value shell-quoted), so the rendered script is a plain bash file that can
 be read, kept and resubmitted by hand. ``--dry-run`` prints it instead of submitting.
 
@@ -24,8 +25,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parent.parent
-TEMPLATES = REPO / "slurm"
 EXIT_PREEMPTED = 75  # == vchitect.train.signals.EXIT_PREEMPTED (not imported: that pulls in torch)
 PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
 
@@ -116,7 +115,9 @@ def render(args) -> tuple[str, Path, str]:
         "GPU_JOB": "0" if cpu_job else "1",
         "EXIT_PREEMPTED": str(EXIT_PREEMPTED),
     }
-    template = (TEMPLATES / f"{args.kind}.sbatch").read_text()
+    from vchitect.resources import resource_dir
+
+    template = (resource_dir("slurm") / f"{args.kind}.sbatch").read_text()
     return render_template(template, values), log_dir, output_dir
 
 

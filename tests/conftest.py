@@ -1,4 +1,5 @@
-"""Suite-wide fixtures: the local S3 server (tests/s3.py) and one curated corpus of real shards.
+"""Suite-wide fixtures: the local S3 server (tests/s3.py), fresh environments without vchitect and with a
+wheel of it (tests/envs.py), and one curated corpus of real shards.
 
 ``curated_shards`` runs the real curation CLI (Ray, PyAV, the demo's curation config) once per
 suite run on a small demo corpus; every training test that needs real shards (decode mode, the
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.s3"]
+pytest_plugins = ["tests.s3", "tests.envs"]
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -30,7 +30,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-REPO = Path(__file__).resolve().parent.parent
+from .resources import checkout, resource_dir
+
+CONFIGS = resource_dir("configs")  # the checkout's configs/, or the wheel's copy
 console = Console() if sys.stdout.isatty() else Console(width=140)
 
 
@@ -69,7 +71,8 @@ def _run(cmd: list[str], log_path: Path, echo: bool = True, env: dict | None = N
     """Run ``cmd``, streaming its output to the console and to ``log_path``; raise on failure."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        # from a checkout, run where its packages are importable without an install (as before)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=checkout(),
                                 env=env, bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -132,7 +135,7 @@ def step_curate(s: DemoSettings) -> dict:
     if shards.exists():
         shutil.rmtree(shards)
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_DEDUP_LOGS="1")
-    _run([sys.executable, "-m", "data_pipeline.cli", "run", "configs/curate/demo.yaml",
+    _run([sys.executable, "-m", "data_pipeline.cli", "run", str(CONFIGS / "curate/demo.yaml"),
           f"input.path={s.out / 'raw' / 'manifest.jsonl'}", f"output.path={shards}", "--no-progress"],
          s.out / "logs" / "curate.log", env=env)
     lines: list[str] = []
@@ -163,7 +166,7 @@ def step_train(s: DemoSettings) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     t0 = time.time()
     # Rank 0's rich progress bar goes straight to the terminal; the log keeps a copy of the lines.
-    _run([sys.executable, "-m", "vchitect.cli", "launch", "--nproc", "2", "train", "configs/train/demo.yaml",
+    _run([sys.executable, "-m", "vchitect.cli", "launch", "--nproc", "2", "train", str(CONFIGS / "train/demo.yaml"),
           *train_overrides(s)], s.out / "logs" / "train.log", env=env)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     losses = [r for r in records if "loss" in r]

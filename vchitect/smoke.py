@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 
 from .config import load_config
+from .resources import resource_dir
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "demo.yaml"
 
 
 def run_smoke(config: str | None = None, overrides: list[str] | None = None, batch: int = 2, frames: int = 8,
               text_len: int = 12, seed: int = 0) -> int:
     from .models import VchitectTransformer3DModel
 
-    cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    cfg = load_config(config or resource_dir("configs") / "model" / "demo.yaml", overrides)
     torch.manual_seed(seed)
     model = VchitectTransformer3DModel(**dataclasses.asdict(cfg.model))
     m = cfg.model

@@ -25,10 +25,11 @@ STEPS, GUIDANCE, SEED, FRAMES, SIZE = 4, 4.0, 7, 3, 16
 
 LOAD_AND_GENERATE = textwrap.dedent("""
     import sys, torch
-    from diffusers import DiffusionPipeline  # no vchitect import: vchitect_diffusers_hook.pth finds the class
+    from diffusers import DiffusionPipeline  # no vchitect import, no trust_remote_code: the installed hook
     assert not any(m == "vchitect" or m.startswith("vchitect.") for m in sys.modules), "vchitect imported early"
     pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
-    assert type(pipe).__name__ == "VchitectPipeline", type(pipe)
+    assert type(pipe).__module__ == "vchitect.export.pipeline", type(pipe)  # the installed class, not the folder's copy
+    assert type(pipe.transformer).__module__ == "vchitect.models.transformer", type(pipe.transformer)
     kw = dict(num_frames={frames}, height={size}, width={size}, num_inference_steps={steps}, guidance_scale={g})
     latents = pipe({prompt!r}, generator=torch.Generator().manual_seed({seed}), output_type="latent", **kw).frames
     video = pipe({prompt!r}, generator=torch.Generator().manual_seed({seed}), output_type="np", **kw).frames

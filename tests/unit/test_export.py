@@ -84,8 +84,9 @@ def test_export_writes_a_loadable_folder_with_shards_dtype_and_shift(ckpt, tmp_p
     root, model = ckpt
     out = export(root / "run", tmp_path / "pipe", max_shard_size="200KB")
     index = json.loads((out / "model_index.json").read_text())
-    assert index["_class_name"] == "VchitectPipeline"
-    assert index["transformer"] == ["vchitect.models.transformer", "VchitectTransformer3DModel"]
+    assert index["_class_name"] == ["vchitect_pipeline", "VchitectPipeline"]
+    assert index["transformer"] == ["vchitect_transformer", "VchitectTransformer3DModel"]
+    assert (out / "vchitect_pipeline.py").is_file() and (out / "transformer" / "vchitect_transformer.py").is_file()
     assert index["vae"] == ["diffusers", "AutoencoderKL"] and index["text_encoder"] == ["transformers", "T5EncoderModel"]
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     assert len(list((out / "transformer").glob("*.safetensors"))) > 1
@@ -102,6 +103,35 @@ def test_export_writes_a_loadable_folder_with_shards_dtype_and_shift(ckpt, tmp_p
     assert all(v.dtype == torch.bfloat16 for v in w16.values())
     name = "transformer_blocks.0.attn.to_q.weight"
     assert torch.equal(w16[name], (sd[name] * 0.9).to(torch.bfloat16))
+
+
+def test_exported_files_are_readable_by_the_group(ckpt, tmp_path):
+    """safetensors writes 0600 and the copied encoder weights are 0600 at the source; an export on a shared
+    cluster gets the modes of any new file under the umask (022 → 0644 files, 0755 folders)."""
+    import os
+    import stat
+
+    root, _ = ckpt
+    source_weights = root / "enc" / "t5" / "model.safetensors"
+    os.chmod(source_weights, 0o600)
+    previous = os.umask(0o022)
+    try:
+        out = export(root / "run", tmp_path / "pipe", max_shard_size="200KB")
+    finally:
+        os.umask(previous)
+    paths = [out, *out.rglob("*")]
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+    weights = [p for p in paths if p.suffix == ".safetensors"]
+    assert len(weights) >= 3 and (out / "text_encoder" / "model.safetensors") in weights
+    wrong = {k: oct(m) for k, m in modes.items() if m != (0o755 if (tmp_path / k).is_dir() else 0o644)}
+    assert not wrong, wrong
+    assert all(modes[str(p.relative_to(tmp_path))] & 0o040 for p in weights)
+    previous = os.umask(0o077)  # a user who wants private files keeps them private
+    try:
+        private = export(root / "run", tmp_path / "private")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((private / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mode) == 0o600
 
 
 def test_export_errors_leave_nothing_behind(ckpt, tmp_path):

@@ -10,10 +10,14 @@ Consolidation runs in one process without a process group (``dcp.load(..., no_di
 the metadata gives every tensor's global shape, so a checkpoint saved by any number of ranks,
 sharded or not, loads the same way and gives byte-identical output files.
 
-Output (written to ``OUT.tmp-<pid>`` and renamed when complete)::
+Output (written to ``OUT.tmp-<pid>`` and renamed when complete; every file gets the mode a new
+file gets under the user's umask, safetensors' 0600 included)::
 
     model_index.json
+    vchitect_pipeline.py + vchitect_*.py   the pipeline's code, generated from vchitect's sources
+                                           (vchitect/export/remote_code.py) for trust_remote_code loading
     transformer/   config.json + diffusion_pytorch_model.safetensors (sharded + index above the cap)
+                   + vchitect_transformer.py + vchitect_models_*.py (the transformer's code)
     scheduler/     FlowMatchEulerDiscreteScheduler with the training shift
     vae/ text_encoder/ tokenizer/   copied from the run config's local paths or --base DIR
     text_encoder_2/ tokenizer_2/     the optional pooled CLIP (data.encoders.pooled_encoder_path)
@@ -221,6 +225,20 @@ def _copy_components(paths: dict, out: Path) -> dict:
     return index
 
 
+def _default_modes(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the mode ``open()`` / ``mkdir()`` give under the umask:
+    safetensors writes weights 0600 and ``copy2`` keeps a source's restrictive mode, but a model folder on a
+    shared cluster is read by the group (umask 022 → 0644 files, 0755 folders)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, names in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for n in names:
+            os.chmod(os.path.join(root, n), 0o666 & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
 def load_transformer(step_dir: Path, config: dict, ema: bool = False, dtype: str = "fp32"):
     """A :class:`VchitectTransformer3DModel` holding the consolidated weights of ``step_dir``."""
     from vchitect.models import VchitectTransformer3DModel
@@ -293,6 +311,8 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = False, dtype: str = "f
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from .remote_code import write_remote_code
+
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is unknown; choose bf16, fp16 or fp32")
     out = Path(out)
@@ -320,9 +340,8 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = False, dtype: str = "f
             tmp / "scheduler")
         components = _copy_components(paths, tmp)
         index = {
-            "_class_name": "VchitectPipeline",
+            **write_remote_code(tmp),  # _class_name and transformer: the code this folder carries
             "_diffusers_version": diffusers.__version__,
-            "transformer": ["vchitect.models.transformer", "VchitectTransformer3DModel"],
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
             **components,
             "text_encoder_kind": enc_cfg.get("text_encoder_kind", "t5"),
@@ -330,6 +349,7 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = False, dtype: str = "f
             "shift_reference_tokens": ref_tokens,
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _default_modes(tmp)
         old = None
         if out.exists():  # --overwrite (or an empty folder): swap, so OUT is never missing or partial
             old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -6,14 +6,15 @@ pixel-space models such as the CPU demo: decode is the identity), ``text_encoder
 and optionally ``text_encoder_2`` + ``tokenizer_2`` (a CLIP whose ``text_embeds`` are the pooled
 vector, SD3-style), encoded the way :mod:`vchitect.models.encoders` encodes them in training.
 
-Loading in a fresh process, with vchitect installed (no vchitect import needed: the start-up hook
-``_vchitect_diffusers_hook`` makes ``diffusers.VchitectPipeline`` import this module on first use)::
+Loading an export folder (docs/export.md, "Loading it")::
 
     from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained("exported/")   # or VchitectPipeline.from_pretrained
+    pipe = DiffusionPipeline.from_pretrained("exported/")              # vchitect installed: this class
+    pipe = DiffusionPipeline.from_pretrained("exported/", trust_remote_code=True)   # anywhere: the folder's copy
 
-Without the hook (``python -S``, vchitect only on ``PYTHONPATH``), ``import vchitect.export`` first:
-:func:`register_with_diffusers` runs on import.
+The folder's copy is this module and the modules it imports, generated at export time
+(:mod:`vchitect.export.remote_code`); so this file imports only torch, diffusers, numpy and other
+vchitect modules that do the same, and registers nothing on import (:mod:`vchitect.export` does).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
+from vchitect.diffusion.fastercache import FasterCacheConfig
 from vchitect.diffusion.freeinit import FreeInitConfig, freeinit_sample
 from vchitect.diffusion.sampling import TextCondition, sample
 from vchitect.models import VchitectTransformer3DModel
@@ -158,8 +160,14 @@ class VchitectPipeline(DiffusionPipeline):
                  generator: Optional[torch.Generator] = None, latents: Optional[torch.Tensor] = None,
                  prompt_embeds: Optional[TextCondition] = None,
                  negative_prompt_embeds: Optional[TextCondition] = None, output_type: str = "np",
-                 return_dict: bool = True, batch_cfg: bool = True, fastercache=None,
-                 freeinit: Optional[FreeInitConfig] = None, callback=None):
+                 return_dict: bool = True, batch_cfg: bool = True,
+                 fastercache: Union[FasterCacheConfig, dict, bool, None] = None,
+                 freeinit: Union[FreeInitConfig, dict, bool, None] = None, callback=None):
+        """``fastercache`` / ``freeinit``: a :class:`FasterCacheConfig` / :class:`FreeInitConfig`, a dict of its
+        fields, or True for its defaults (plain values work where the config classes are not importable,
+        e.g. with the export folder's own code)."""
+        fastercache = _sampler_config(fastercache, FasterCacheConfig)
+        freeinit = _sampler_config(freeinit, FreeInitConfig)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
         if prompt_embeds is None:
@@ -215,15 +223,15 @@ def _to(c: Optional[TextCondition], device) -> Optional[TextCondition]:
     return TextCondition(c.hidden.to(device), c.pooled.to(device), None if c.mask is None else c.mask.to(device))
 
 
-def register_with_diffusers() -> None:
-    """Make ``DiffusionPipeline.from_pretrained`` find ``VchitectPipeline`` by the name in model_index.json
-    (diffusers looks pipeline classes up on its own top-level module)."""
-    import diffusers
+def _sampler_config(value, cls):
+    """None / False → None; True → ``cls()``; a dict → ``cls(**value)``; anything else is used as it is."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return cls()
+    if isinstance(value, dict):
+        return cls(**value)
+    return value
 
-    if getattr(diffusers, "VchitectPipeline", None) is not VchitectPipeline:
-        setattr(diffusers, "VchitectPipeline", VchitectPipeline)
 
-
-register_with_diffusers()
-
-__all__ = ["VchitectPipeline", "VchitectPipelineOutput", "register_with_diffusers"]
+__all__ = ["FasterCacheConfig", "FreeInitConfig", "TextCondition", "VchitectPipeline", "VchitectPipelineOutput"]

@@ -1,7 +1,8 @@
 """Metrics of a training run and where they go: one stdout line, metrics.jsonl, TensorBoard, wandb.
 
-Only rank 0 writes. wandb runs offline unless ``WANDB_API_KEY`` is set (or mode is online); any
-wandb failure disables it with one warning instead of stopping the run.
+Only rank 0 writes. wandb is an optional extra (``vchitect[wandb]``), imported only when a run enables
+it; it runs offline unless ``WANDB_API_KEY`` is set (or mode is online); any wandb failure disables
+it with one warning instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -105,12 +106,15 @@ class MetricWriter:
 def _start_wandb(output_dir: Path, mode: str, project: str, config: dict):
     if mode == "disabled":
         return None
+    asked = mode != "auto" or bool(os.environ.get("WANDB_API_KEY"))
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     try:
         import wandb
     except ImportError:
-        log.warning("wandb is not installed; metrics go to metrics.jsonl and TensorBoard only")
+        # the default (auto, no key) makes no noise about an extra nobody asked for; a mode or a key does
+        (log.warning if asked else log.info)(
+            "wandb is not installed (pip install 'vchitect[wandb]'); metrics go to metrics.jsonl and TensorBoard only")
         return None
     try:
         return wandb.init(project=project, dir=str(output_dir), mode=mode, config=config, resume="allow",
