@@ -93,7 +93,10 @@ def _worth_showing(line: str) -> bool:
 
 
 def _slug(prompt: str) -> str:
-    return "_".join(prompt.replace("a ", "", 1).replace("moves ", "").split())
+    words = prompt.split()
+    if words[:1] in (["a"], ["an"]):
+        words = words[1:]
+    return "_".join(w for w in words if w != "moves")
 
 
 def showcase_prompts() -> list[str]:
