@@ -193,6 +193,7 @@ def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, f
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    pipe.set_progress_bar_config(disable=True)  # the demo's own stage lines say what runs
     out = []
     for i in range(0, len(prompts), batch):
         v = pipe(prompts[i:i + batch], num_frames=frames, height=size, width=size, num_inference_steps=steps,
