@@ -108,7 +108,8 @@ def test_exact_resume_after_sigkill(reference, tmp_path):
     assert max(losses(tmp_path / "run")) == 6
     cfg = write_config(tmp_path, train={"output_dir": str(tmp_path / "run")})
     r = vchitect("train", cfg, nproc=2)
-    assert f"steps       6 → 12; resumed from {tmp_path / 'run' / 'checkpoints' / 'step-000000006'} at step 6" in r.stderr
+    resumed = tmp_path / "run" / "checkpoints" / "step-000000006"
+    assert f"steps       6 → 12; resumed from {resumed} at step 6" in r.stderr
     assert losses(tmp_path / "run") == losses(reference)  # bitwise: floats compare exactly
     final = tmp_path / "run" / "checkpoints" / "step-000000012"
     assert_same_tensors(load_tensors(final), load_tensors(reference / "checkpoints" / "step-000000012"))
