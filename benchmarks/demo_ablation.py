@@ -39,7 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, caption_for, draw_shape  # noqa: E402
+from data_pipeline.synthetic import (BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, caption_for, draw_shape,  # noqa: E402
+                                     with_article)
 from vchitect.demo import text_encoder_path  # noqa: E402
 from vchitect.demo_corpus import HELD_OUT, OFFSETS, RADIUS, SHOT_LENGTHS, training_combos  # noqa: E402
 from vchitect.diffusion.sampling import TextCondition, flow_sigmas, sample  # noqa: E402
@@ -52,7 +53,7 @@ MARGIN = 0.1  # seconds the curation trims at each cut
 
 
 def cap(args, c: str, s: str, d: str) -> str:
-    return caption_for(c, s, d) if args.captions == "word" else f"a {c} {s} moves from {d}"
+    return caption_for(c, s, d) if args.captions == "word" else f"{with_article(c)} {s} moves from {d}"
 
 
 def render_clip(args, color: str, shape: str, direction: str, background, offset: float, seconds: float,

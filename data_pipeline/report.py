@@ -40,6 +40,28 @@ def collect_scores(out: str, options=None) -> dict[str, list[float]]:
     return dict(scores)
 
 
+# x-axis label of each filter score, with its unit
+SCORE_UNITS = {"sharpness": "sharpness (variance of the Laplacian over edge pixels, (grey level)²)",
+               "motion": "motion (mean flow, fraction of the frame's long side per second)",
+               "text_area": "text area (fraction of the frame covered by text boxes)",
+               "nsfw": "nsfw (detector confidence, 0–1)", "aesthetic": "aesthetic (predicted score)"}
+
+
+def histogram(plt, name: str, values: list[float], limits: dict):
+    """The figure of one score: its histogram and a dashed vertical line at each configured limit."""
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.hist(values, bins=30, color="#4477aa")
+    for kind, x in sorted(limits.items()):
+        ax.axvline(x, color="#cc3311", ls="--", lw=1.2, label=f"{kind} {x:g} (filter limit)")
+    if limits:
+        ax.legend(fontsize=7)
+    ax.set_title(f"{name} ({len(values)} clips written)")
+    ax.set_xlabel(SCORE_UNITS.get(name, name))
+    ax.set_ylabel("clips (count)")
+    fig.tight_layout()
+    return fig
+
+
 def report(out: str, plots: str | None = None, overrides: list[str] | None = None, echo=print) -> list[str]:
     """Print the run's counts; write one histogram PNG per score; return the PNG paths."""
     options = _options(overrides)
@@ -64,13 +86,9 @@ def report(out: str, plots: str | None = None, overrides: list[str] | None = Non
     plots = plots or (os.path.join(out, "report") if not vio.is_remote(out) else "curate-report")
     os.makedirs(plots, exist_ok=True)
     paths = []
+    thresholds = stats.get("thresholds", {})  # absent in outputs written before the report drew them
     for name, values in sorted(collect_scores(out, options).items()):
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-        ax.hist(values, bins=30, color="#4477aa")
-        ax.set_title(f"{name} ({len(values)} clips)")
-        ax.set_xlabel(name)
-        ax.set_ylabel("clips")
-        fig.tight_layout()
+        fig = histogram(plt, name, values, thresholds.get(name, {}))
         path = os.path.join(plots, f"hist_{name}.png")
         fig.savefig(path)
         plt.close(fig)

@@ -68,8 +68,13 @@ DIRECTION_WORDS: dict[str, str] = {
 }
 
 
+def with_article(word: str) -> str:
+    """``word`` after its indefinite article: "an orange", "a red"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 def caption_for(color: str, shape: str, direction: str) -> str:
-    return f"a {color} {shape} moves {DIRECTION_WORDS[direction]}"
+    return f"{with_article(color)} {shape} moves {DIRECTION_WORDS[direction]}"
 
 
 @dataclass

@@ -317,6 +317,23 @@ class ShardWriter:
         return self.index
 
 
+# score → (filter switch, lower-limit field, upper-limit field) of FilterConfig; None: no such limit
+SCORE_LIMITS = {"sharpness": ("blur", "min_sharpness", None), "motion": ("motion", "min_motion", "max_motion"),
+                "text_area": ("ocr", None, "max_text_area"), "nsfw": ("nsfw", None, "max_nsfw"),
+                "aesthetic": (None, "min_aesthetic", None)}
+
+
+def score_thresholds(f) -> dict:
+    """``{score: {"min": x, "max": y}}``: the limits the run's filters applied to each score (for the report)."""
+    out = {}
+    for score, (switch, lo, hi) in SCORE_LIMITS.items():
+        if switch is not None and not getattr(f, switch):
+            continue
+        limits = {k: getattr(f, field) for k, field in (("min", lo), ("max", hi)) if field}
+        out[score] = limits
+    return out
+
+
 def _dumps(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
@@ -392,6 +409,7 @@ def finalize(out: str, cfg, source_ids: Iterable[str], *, fingerprint: str, opti
         "counts": dict(sorted(counts.items())),
         "rejected_by_stage": {k: dict(sorted(v.items())) for k, v in sorted(by_stage.items())},
         "rejected_by_reason": dict(sorted(reasons.items())),
+        "thresholds": score_thresholds(cfg.filters),
         "this_run": run_info or {},
     }
     vio.write_bytes(vio.join(out, "index.json"),

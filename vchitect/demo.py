@@ -33,6 +33,7 @@ from rich.table import Table
 from .resources import checkout, resource_dir
 
 CONFIGS = resource_dir("configs")  # the checkout's configs/, or the wheel's copy
+LOSS_WINDOW = 5  # logged steps averaged for the summary's first and last loss
 console = Console() if sys.stdout.isatty() else Console(width=140)
 
 
@@ -93,7 +94,10 @@ def _worth_showing(line: str) -> bool:
 
 
 def _slug(prompt: str) -> str:
-    return "_".join(prompt.replace("a ", "", 1).replace("moves ", "").split())
+    words = prompt.split()
+    if words[:1] in (["a"], ["an"]):
+        words = words[1:]
+    return "_".join(w for w in words if w != "moves")
 
 
 def showcase_prompts() -> list[str]:
@@ -170,8 +174,8 @@ def step_train(s: DemoSettings) -> dict:
     losses = [r for r in records if "loss" in r]
     cfg = json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))
     return {"seconds": time.time() - t0, "steps": losses[-1]["step"] if losses else 0,
-            "final_loss": float(np.mean([r["loss"] for r in losses[-5:]])) if losses else float("nan"),
-            "first_loss": losses[0]["loss"] if losses else float("nan"),
+            "final_loss": float(np.mean([r["loss"] for r in losses[-LOSS_WINDOW:]])) if losses else float("nan"),
+            "first_loss": float(np.mean([r["loss"] for r in losses[:LOSS_WINDOW]])) if losses else float("nan"),
             "step_time": float(np.median([r["step_time"] for r in losses])) if losses else float("nan"),
             "layout": "FSDP2 (dp_shard=2) × 2 CPU ranks, gloo" if cfg["parallel"]["dp_shard"] in (-1, 2) else
             str(cfg["parallel"]), "records": losses}
@@ -187,6 +191,7 @@ def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, f
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    pipe.set_progress_bar_config(disable=True)  # the demo's own stage lines say what runs
     out = []
     for i in range(0, len(prompts), batch):
         v = pipe(prompts[i:i + batch], num_frames=frames, height=size, width=size, num_inference_steps=steps,
@@ -350,8 +355,8 @@ def summary_table(summary: dict) -> Table:
     t.add_row("corpus", f"{c['files']} raw files, {c['clean_shots']} clean shots")
     rej = ", ".join(f"{k} {v}" for k, v in sorted(cur["rejected"].items())) or "none"
     t.add_row("curation (Ray)", f"{cur['clips']} clips in {cur['shards']} shards; rejected: {rej}")
-    t.add_row("training", f"{tr['steps']} steps on {tr['layout']}; loss {tr['first_loss']:.3f} → "
-              f"{tr['final_loss']:.3f}; {tr['step_time']:.2f} s/step")
+    t.add_row("training", f"{tr['steps']} steps on {tr['layout']}; loss (mean of first / last {LOSS_WINDOW} logged "
+              f"steps) {tr['first_loss']:.3f} → {tr['final_loss']:.3f}; {tr['step_time']:.2f} s/step")
     t.add_row("export", f"diffusers folder; fresh-process samples differ by ≤ {ex['max_pixel_diff']} "
               f"/ 255 from in-process ones ({ex['videos']} videos)")
     pt, ph = ev["probe"]["train"], ev["probe"]["held_out"]

@@ -71,8 +71,21 @@ def reference(tmp_path_factory):
     """Run A: 2 processes (dp_shard 2), 12 steps, checkpoints at 6 and 12, never interrupted."""
     tmp = tmp_path_factory.mktemp("ref")
     cfg = write_config(tmp, train={"output_dir": str(tmp / "run")})
-    vchitect("train", cfg, nproc=2)
+    r = vchitect("train", cfg, nproc=2)
+    (tmp / "output.txt").write_text(r.stdout + r.stderr)
     return tmp / "run"
+
+
+def test_reference_run_prints_a_banner_and_one_line_per_checkpoint(reference):
+    out = (reference.parent / "output.txt").read_text()
+    assert out.count("vchitect train\n") == 1  # rank 0 only
+    for line in ("world size  2 × cpu (gloo)", "layout      layout dp_replicate=1 dp_shard=2",
+                 f"output      {reference.resolve()}", "steps       0 → 12; fresh start"):
+        assert line in out, line
+    assert "trainable)" in out.split("parameters", 1)[1].splitlines()[0]
+    saved = [x.split("checkpoint saved to ", 1)[1] for x in out.splitlines() if "checkpoint saved to " in x]
+    assert [x.split(" (")[0] for x in saved] == [str(reference / "checkpoints" / f"step-{s:09d}") for s in (6, 12)]
+    assert all(" MB, " in x and x.endswith(" s)") for x in saved), saved
 
 
 def test_reference_run_writes_metrics_checkpoints_and_ema(reference):
@@ -94,7 +107,9 @@ def test_exact_resume_after_sigkill(reference, tmp_path):
     assert find_latest(tmp_path / "run" / "checkpoints").name == "step-000000006"
     assert max(losses(tmp_path / "run")) == 6
     cfg = write_config(tmp_path, train={"output_dir": str(tmp_path / "run")})
-    vchitect("train", cfg, nproc=2)
+    r = vchitect("train", cfg, nproc=2)
+    resumed = tmp_path / "run" / "checkpoints" / "step-000000006"
+    assert f"steps       6 → 12; resumed from {resumed} at step 6" in r.stderr
     assert losses(tmp_path / "run") == losses(reference)  # bitwise: floats compare exactly
     final = tmp_path / "run" / "checkpoints" / "step-000000012"
     assert_same_tensors(load_tensors(final), load_tensors(reference / "checkpoints" / "step-000000012"))

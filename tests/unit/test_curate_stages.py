@@ -563,3 +563,23 @@ def test_colour_aware_hash_tells_same_layout_different_colour_apart():
     noisy = np.clip(frames["red"].astype(int) + np.random.default_rng(0).integers(-3, 4, (128, 128, 3)), 0, 255)
     assert find_duplicates({("a", 0): red, ("b", 0): filters.phash_rgb(noisy.astype(np.uint8))}, 6) \
         == {("b", 0): ("a", 0)}
+
+
+def test_report_histogram_draws_the_filter_limits_with_units():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from data_pipeline.config import FilterConfig
+    from data_pipeline.report import histogram
+    from data_pipeline.writer import score_thresholds
+
+    limits = score_thresholds(FilterConfig(min_motion=0.02, max_motion=2.0, ocr=False))
+    assert limits["motion"] == {"min": 0.02, "max": 2.0} and "text_area" not in limits
+    fig = histogram(plt, "motion", [0.1, 0.5, 0.7], limits["motion"])
+    ax = fig.axes[0]
+    xs = sorted(line.get_xdata()[0] for line in ax.get_lines())  # axvline: a vertical line at x
+    assert xs == [0.02, 2.0]
+    assert "per second" in ax.get_xlabel() and ax.get_ylabel() == "clips (count)"
+    plt.close(fig)

@@ -178,6 +178,7 @@ def test_corrupt_shard_yields_good_samples_and_reports_exactly_the_bad_ones(tmp_
     assert {k for k, v in kinds.items() if v == "latents"} == {"lat_0000", "lat_0001"}
     m = loader.metrics()
     assert m["data/skipped"] == 3
+    assert m["data/delivered_per_s"] > 0 and "data/samples_per_s" not in m
     assert (m["data/skipped/undecodable"], m["data/skipped/missing_member"],
             m["data/skipped/bad_latent"]) == (1, 1, 1)
     warned = [r.getMessage() for r in caplog.records if "skipping sample" in r.getMessage()]
@@ -406,4 +407,6 @@ def test_synthetic_loader_counters_survive_a_state_round_trip():
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert b.metrics()["data/samples"] == a.metrics()["data/samples"] > 0
     assert b.metrics()["data/batches"] == 3
+    # the loader's rate has its own name, unlike the trainer's samples_per_s (the step window's throughput)
+    assert a.metrics()["data/delivered_per_s"] > 0 and "data/samples_per_s" not in a.metrics()
     assert torch.equal(next(iter(b))["latents"], next(it)["latents"])

@@ -29,4 +29,14 @@ def test_eval_folder_of_generator_clips(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vchitect.cli", "eval", str(tmp_path), "--json", str(tmp_path / "r.json")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert "coincide here: both use pixel features" in " ".join(r.stdout.split())
     assert "temporal flickering" in r.stdout and json.loads((tmp_path / "r.json").read_text())["metrics"]["videos"] == 2
+
+
+def test_features_note_only_when_both_consistencies_use_pixels():
+    from vchitect.eval.cli import features_note
+
+    pixels = {"subject_features": "pixels", "background_features": "pixels"}
+    assert "--subject-features dino:PATH" in features_note(pixels)
+    assert features_note({"subject_features": "dino", "background_features": "clip"}) is None
+    assert features_note({"subject_features": "pixels", "background_features": "clip"}) is None

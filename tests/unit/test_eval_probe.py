@@ -62,3 +62,15 @@ def test_score_splits_held_out_combinations():
     assert parse_prompt("a blue square moves up") == {"color": "blue", "shape": "square", "direction": "bottom to top"}
     assert parse_prompt("a red circle moves sideways") is None
     assert parse_prompt("a cat") is None
+
+
+def test_captions_use_an_before_vowels_and_the_probe_reads_both_articles():
+    from vchitect.demo import _slug, showcase_prompts
+
+    assert caption_for("orange", "square", "left to right") == "an orange square moves right"
+    assert caption_for("red", "square", "left to right") == "a red square moves right"
+    assert not any(p.startswith("a orange") for p in showcase_prompts())
+    want = {"color": "orange", "shape": "square", "direction": "left to right"}
+    assert parse_prompt("an orange square moves right") == want
+    assert parse_prompt("a orange square moves right") == want  # older captions still parse
+    assert _slug("an orange square moves right") == _slug("a orange square moves right") == "orange_square_right"

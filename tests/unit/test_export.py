@@ -238,6 +238,27 @@ def test_cli_user_errors_are_one_line_with_exit_code_2(ckpt, tmp_path, capsys):
     assert not (tmp_path / "p").exists() and not list(tmp_path.glob("v.*"))
 
 
+def test_pipeline_shows_a_progress_bar_per_denoising_step_unless_disabled(capsys):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from vchitect.diffusion.sampling import TextCondition
+
+    pipe = VchitectPipeline(build_model(0), FlowMatchEulerDiscreteScheduler(shift=1.0))
+    g = torch.Generator().manual_seed(0)
+    text = TextCondition(torch.randn(1, 4, 16, generator=g), torch.randn(1, 16, generator=g))
+    kw = dict(prompt_embeds=text, num_frames=2, height=8, width=8, num_inference_steps=3, guidance_scale=1.0,
+              output_type="latent")
+    seen = []
+    pipe(**kw, callback=lambda i, t, z: seen.append(i))
+    assert seen == [0, 1, 2]  # the caller's callback still runs
+    assert "3/3" in capsys.readouterr().err
+    pipe(**kw, freeinit={"reinits": 1})
+    assert "6/6" in capsys.readouterr().err  # every FreeInit pass counts
+    pipe.set_progress_bar_config(disable=True)
+    pipe(**kw)
+    assert "3/3" not in capsys.readouterr().err
+
+
 def test_pipeline_schedule_follows_the_exported_shift():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -128,7 +128,7 @@ class ShardLoader:
                 skipped[reason] = skipped.get(reason, 0) + n
         out["data/skipped"] = sum(skipped.values())
         out.update({f"data/skipped/{r}": n for r, n in sorted(skipped.items())})
-        out["data/samples_per_s"] = self._samples / elapsed if elapsed else 0.0
+        out["data/delivered_per_s"] = self._samples / elapsed if elapsed else 0.0
         out["data/mb_per_s"] = out["data/bytes"] / 1e6 / elapsed if elapsed else 0.0
         return out
 

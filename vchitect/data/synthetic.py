@@ -69,4 +69,4 @@ class SyntheticLoader:
     def metrics(self) -> dict:
         elapsed = time.perf_counter() - self._t0 if self._t0 else 0.0
         return {"data/samples": self.total_samples, "data/batches": self.step, "data/skipped": 0,
-                "data/samples_per_s": self._samples / elapsed if elapsed else 0.0}
+                "data/delivered_per_s": self._samples / elapsed if elapsed else 0.0}

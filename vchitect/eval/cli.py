@@ -74,6 +74,15 @@ def evaluate_folder(folder: str | Path, subject: str | None = None, background: 
     return result
 
 
+def features_note(metrics: dict) -> str | None:
+    """What to tell the reader when subject and background consistency are one number (both on pixels)."""
+    if metrics["subject_features"] == metrics["background_features"] == "pixels":
+        return ("note: subject and background consistency coincide here: both use pixel features (thumbnails). "
+                "VBench uses DINO for the subject and CLIP for the background: pass --subject-features dino:PATH "
+                "--background-features clip:PATH (local model folders).")
+    return None
+
+
 def run_eval(folder: str, subject: str | None = None, background: str | None = None,
              json_out: str | None = None) -> int:
     from rich.console import Console
@@ -92,10 +101,14 @@ def run_eval(folder: str, subject: str | None = None, background: str | None = N
         if g and g["n"]:
             t.add_row(f"{label} (n={g['n']})", f"colour {100 * g['color']:.0f}% · direction "
                       f"{100 * g['direction']:.0f}% · both {100 * g['both']:.0f}%")
-    Console().print(t)
+    console = Console()
+    console.print(t)
+    note = features_note(m)
+    if note:
+        console.print(note, markup=False)
     if json_out:
         Path(json_out).write_text(json.dumps(res, indent=1))
     return 0
 
 
-__all__ = ["evaluate_folder", "find_videos", "read_video", "run_eval"]
+__all__ = ["evaluate_folder", "features_note", "find_videos", "read_video", "run_eval"]

@@ -202,11 +202,19 @@ class VchitectPipeline(DiffusionPipeline):
         cond = _to(prompt_embeds, device)
         uncond = _to(negative_prompt_embeds, device) if use_cfg else None
 
-        def run(z: torch.Tensor) -> torch.Tensor:
-            return sample(self.transformer, z, cond, uncond, sigmas=sigmas, guidance_scale=guidance_scale,
-                          batch_cfg=batch_cfg, fastercache=fastercache, callback=callback)
+        passes = freeinit.reinits + 1 if freeinit is not None else 1
+        # diffusers' bar: one tick per denoising step of every pass; set_progress_bar_config(disable=True) hides it
+        with self.progress_bar(total=passes * (len(sigmas) - 1)) as bar:
+            def step_done(i: int, t: float, z: torch.Tensor) -> None:
+                bar.update()
+                if callback is not None:
+                    callback(i, t, z)
 
-        x0 = freeinit_sample(run, latents, freeinit, generator) if freeinit is not None else run(latents)
+            def run(z: torch.Tensor) -> torch.Tensor:
+                return sample(self.transformer, z, cond, uncond, sigmas=sigmas, guidance_scale=guidance_scale,
+                              batch_cfg=batch_cfg, fastercache=fastercache, callback=step_done)
+
+            x0 = freeinit_sample(run, latents, freeinit, generator) if freeinit is not None else run(latents)
         if output_type == "latent":
             frames = x0
         else:

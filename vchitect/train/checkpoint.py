@@ -34,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -262,7 +263,7 @@ class Checkpointer:
         self.checksums = checksums
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self._pending = None  # (future, tmp, final, meta)
+        self._pending = None  # (future, tmp, final, meta, start time)
 
     def _barrier(self) -> None:
         if dist.is_initialized():
@@ -284,19 +285,20 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
+        started = time.perf_counter()
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp))
-            self._pending = (future, tmp, final, meta)
+            self._pending = (future, tmp, final, meta, started)
         else:
             dcp.save(state, checkpoint_id=str(tmp))
-            self._finalize(tmp, final, meta)
+            self._finalize(tmp, final, meta, started)
 
     def wait(self) -> None:
         if self._pending is not None:
-            future, tmp, final, meta = self._pending
+            future, tmp, final, meta, started = self._pending
             self._pending = None
             future.result()
-            self._finalize(tmp, final, meta)
+            self._finalize(tmp, final, meta, started)
 
     def crash_if(self, kind: str, step: int) -> None:
         """``train.simulate_crash=KIND:STEP`` (tests): a hard kill of every rank, no clean-up runs."""
@@ -304,7 +306,7 @@ class Checkpointer:
             self._barrier()
             os.kill(os.getpid(), 9)
 
-    def _finalize(self, tmp: Path, final: Path, meta: dict) -> None:
+    def _finalize(self, tmp: Path, final: Path, meta: dict, started: float) -> None:
         self._barrier()  # every rank's shards are written
         names = _files_of(tmp)
         digests = {n: file_digest(tmp / n, self.checksums) for n in _own_files(names, self.rank, self.world)}
@@ -319,6 +321,9 @@ class Checkpointer:
             os.replace(tmp, final)
             for old in complete_checkpoints(self.root)[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
+            size = sum(f["size"] for f in manifest["files"].values())
+            log.info("checkpoint saved to %s (step %d, %.1f MB, %.1f s)", final, meta["step"], size / 1e6,
+                     time.perf_counter() - started)
         self._barrier()
         self.crash_if("after_save", meta["step"])
 

@@ -65,6 +65,7 @@ class MetricWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(output_dir / "tb"))
+            _log_config(self.tb, config)
         self.wandb = _start_wandb(output_dir, wandb_mode, wandb_project, config)
 
     def log(self, step: int, metrics: dict) -> None:
@@ -75,7 +76,7 @@ class MetricWriter:
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+                    self.tb.add_scalar(tb_tag(k), v, step)
         if self.wandb is not None:
             try:
                 self.wandb.log(record, step=step)
@@ -101,6 +102,33 @@ class MetricWriter:
                 self.wandb.finish()
             except Exception:
                 pass
+
+
+def tb_tag(key: str) -> str:
+    """TensorBoard tag of a metric: the trainer's own under ``train/``, grouped ones (``data/…``) as they are."""
+    return key if "/" in key else f"train/{key}"
+
+
+def flatten_config(config: dict, prefix: str = "") -> dict:
+    """``{"train.lr": 1e-4, …}``: numbers, strings and booleans kept, anything else (lists, None) as its JSON."""
+    out = {}
+    for k, v in config.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_config(v, name + "."))
+        else:
+            out[name] = v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+    return out
+
+
+def _log_config(tb, config: dict) -> None:
+    """The run's config in TensorBoard: every leaf as an hparam (HPARAMS tab) and the whole as text."""
+    from torch.utils.tensorboard.summary import hparams
+
+    flat = flatten_config(config)
+    for summary in hparams(flat, {"train/loss": 0.0}):  # experiment, session start, session end
+        tb.file_writer.add_summary(summary)
+    tb.add_text("config", "\n".join(f"    {k}: {v}" for k, v in flat.items()))  # indented: a code block
 
 
 def _start_wandb(output_dir: Path, mode: str, project: str, config: dict):

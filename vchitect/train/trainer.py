@@ -92,6 +92,8 @@ class Trainer:
         if tc.init_from:
             self._load_initial_weights(tc.init_from)
         self.trainable = apply_trainable(self.model, tc.trainable)
+        self.n_params = sum(p.numel() for p in self.model.parameters())  # before sharding: whole tensors
+        self.n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.model.to(self.device)
         self.model.train()
         parallelize(self.model, self.dims, cfg.parallel, device_type=self.device_type)
@@ -122,6 +124,20 @@ class Trainer:
         self.nonfinite_run = 0
         self.resumed_from: Optional[Path] = None
         self._resume()
+        if self.rank == 0:
+            log.info("%s", self.banner())
+
+    def banner(self) -> str:
+        """The start-up summary rank 0 logs: world size, layout, parameters, output folder, resume point."""
+        tc = self.cfg.train
+        start = (f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from is not None
+                 else "fresh start (no checkpoint to resume)")
+        rows = [("world size", f"{dist.get_world_size()} × {self.device_type} ({dist.get_backend()})"),
+                ("layout", self.dims.describe()),
+                ("parameters", f"{_count(self.n_params)} ({_count(self.n_trainable)} trainable)"),
+                ("output", str(self.out.resolve())),
+                ("steps", f"{self.step} → {tc.steps}; {start}")]
+        return "vchitect train\n" + "\n".join(f"  {k:<11} {v}" for k, v in rows)
 
     # ------------------------------------------------------------------ set-up helpers
     def _load_initial_weights(self, spec: str) -> None:
@@ -341,6 +357,14 @@ class Trainer:
         from .validation import run_validation
 
         run_validation(self)
+
+
+def _count(n: int) -> str:
+    """A parameter count for people: 2.05B, 13.4M, 86.2K, 512."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
 
 
 def train(cfg: Config) -> int:
