@@ -1,7 +1,8 @@
 """Typed configuration of a curation run (``vchitect-curate run CONFIG [section.key=value …]``).
 
-Loaded with the project's generic loader (:func:`vchitect.config.load_config`): unknown keys,
-wrong types and out-of-range values raise :class:`vchitect.config.ConfigError` naming the key.
+Loaded with the project's generic loader (:mod:`vchitect.config_base`, which imports neither the
+training config nor torch): unknown keys, wrong types and out-of-range values raise
+:class:`vchitect.config_base.ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from vchitect.config import ConfigError, load_config, setting, to_dict
+from vchitect.config_base import ConfigError, load_config, setting, to_dict
 
 __all__ = ["CurateConfig", "ConfigError", "load_curate_config", "config_fingerprint"]
 
