@@ -1,5 +1,9 @@
-"""Importing a config costs no torch: the section configs need only :mod:`vchitect.config_base` (no
-cycle through :mod:`vchitect.config`), and the packages they live in import the rest on first use."""
+"""The light commands stay light: `vchitect --help`, `config show|describe` and `vchitect-curate --help`
+import none of torch, diffusers, ray, transformers (nor numpy, which torch needs, nor rich), and still
+do their job; importing a config costs no torch either.
+
+Each command runs in a fresh interpreter under ``-X importtime``, which lists every module imported,
+start-up included. Timings are in benchmarks/RESULTS.md ("CLI start-up"), not asserted here."""
 
 from __future__ import annotations
 
@@ -10,6 +14,37 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+HEAVY = {"torch", "diffusers", "ray", "transformers", "numpy", "rich"}
+
+LIGHT_COMMANDS = {
+    "vchitect --help": (["vchitect.cli", "--help"], 0, "usage: vchitect"),
+    "vchitect config show": (["vchitect.cli", "config", "show", "configs/model/tiny.yaml", "model.num_layers=3"], 0,
+                             "num_layers: 3"),
+    "vchitect config describe": (["vchitect.cli", "config", "describe"], 0, "| `model.num_layers` |"),
+    "vchitect-curate --help": (["data_pipeline.cli", "--help"], 0, "usage: vchitect-curate"),
+}
+
+
+def imported_modules(stderr: str) -> set[str]:
+    """Top-level package names of every module in ``-X importtime`` output."""
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and line.count("|") == 2:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("name", list(LIGHT_COMMANDS))
+def test_light_command_imports_nothing_heavy(name):
+    argv, code, expected = LIGHT_COMMANDS[name]
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", *argv], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    output = r.stdout + r.stderr
+    assert r.returncode == code, output[-3000:]
+    assert expected in output
+    modules = imported_modules(r.stderr)
+    assert "argparse" in modules  # the importtime listing was read
+    assert not modules & HEAVY, f"`{name}` imported {sorted(modules & HEAVY)}"
 
 
 def test_section_configs_import_without_the_run_config():

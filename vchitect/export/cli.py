@@ -1,4 +1,6 @@
-"""``vchitect export`` and ``vchitect sample``: parser builders registered by :mod:`vchitect.cli`.
+"""``vchitect export`` and ``vchitect sample``: the commands whose parsers :mod:`vchitect.cli` builds
+(``add_export_parser`` / ``add_sample_parser`` live there, so ``vchitect --help`` imports neither
+this package nor torch; they are re-exported here).
 
     vchitect export CKPT OUT [--ema] [--dtype bf16|fp16|fp32] [--base DIR] [--max-shard-size 5GB]
     vchitect sample (EXPORT_DIR | CKPT | CONFIG CKPT) --prompt … --out video.mp4|.gif [options]
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vchitect.cli import add_export_parser, add_sample_parser  # noqa: F401  (re-exported)
+
 
 def cmd_export(args) -> int:
     from vchitect.cli import user_error
@@ -30,19 +34,6 @@ def cmd_export(args) -> int:
     except ExportError as exc:
         return user_error("export error", str(exc))
     return 0
-
-
-def add_export_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="turn a DCP training checkpoint into a diffusers pipeline folder")
-    p.add_argument("ckpt", help="a step-… checkpoint folder, or a run / checkpoints folder (newest complete step)")
-    p.add_argument("out", help="output pipeline folder (written to a temporary name, then renamed)")
-    p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw model weights")
-    p.add_argument("--dtype", default="fp32", help="weight dtype: bf16, fp16 or fp32 (default fp32)")
-    p.add_argument("--base", default=None, help="diffusers folder supplying vae/, text_encoder/, tokenizer/ "
-                   "(default: the local paths in the run config)")
-    p.add_argument("--max-shard-size", default="5GB", help="split transformer weights above this size (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=cmd_export)
 
 
 # ------------------------------------------------------------------ sample
@@ -143,32 +134,6 @@ def cmd_sample(args) -> int:
         path = write_video(video[0], args.out, fps=args.fps)
         print(f"wrote {path} ({video.shape[1]} frames, {video.shape[2]}×{video.shape[3]})")
     return 0
-
-
-def add_sample_parser(subparsers) -> None:
-    p = subparsers.add_parser("sample", help="generate a video from an export folder or a training checkpoint")
-    p.add_argument("source", help="export folder (model_index.json), checkpoint folder, or a config YAML followed "
-                   "by a checkpoint")
-    p.add_argument("ckpt", nargs="?", default=None, help="checkpoint, when SOURCE is a config")
-    p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: the empty prompt)")
-    p.add_argument("--out", required=True, help="output .mp4 or .gif")
-    p.add_argument("--frames", type=int, default=16, help="video frames (default 16)")
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's sample size)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's sample size)")
-    p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written file")
-    p.add_argument("--fastercache", action="store_true", help="FasterCache with its default schedule "
-                   "(see docs/sampling.md)")
-    p.add_argument("--freeinit", type=int, default=0, metavar="N", help="FreeInit re-initialisations (0 = off)")
-    p.add_argument("--freeinit-filter", default="butterworth", choices=["butterworth", "gaussian", "ideal"])
-    p.add_argument("--ema", action="store_true", help="checkpoint sources: use the EMA weights")
-    p.add_argument("--dtype", default="fp32", help="checkpoint sources: bf16, fp16 or fp32")
-    p.add_argument("--base", default=None, help="checkpoint sources: folder with vae/, text_encoder/, tokenizer/")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.set_defaults(func=cmd_sample)
 
 
 __all__ = ["add_export_parser", "add_sample_parser", "cmd_export", "cmd_sample", "write_video"]
