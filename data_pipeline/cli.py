@@ -3,6 +3,7 @@
     vchitect-curate run CONFIG [section.key=value …] [--address ADDR] [--no-progress]
     vchitect-curate report OUT [--plots DIR]
     vchitect-curate synth OUT --n N [--seed S] [--no-defects]
+    vchitect-curate --version
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vchitect.cli import VersionAction
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vchitect-curate", description=__doc__.split("\n")[0])
+    ap.add_argument("--version", action=VersionAction)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="curate raw videos into WebDataset shards")
     r.add_argument("config", help="YAML config (see configs/curate/)")

@@ -11,9 +11,10 @@
     vchitect submit (train|curate) CONFIG --nodes N --gpus-per-node G [--dry-run]
     vchitect demo [--out demo_out] [--quick]      the whole pipeline on CPU (docs/demo.md); --smoke: one step
     vchitect eval VIDEOS_DIR                      VBench-style metrics and the prompt-following probe
+    vchitect --version
 
 Start-up stays light: this module imports only the standard library, and each command imports what
-it needs when it runs (``--help`` and ``config show|describe`` import no torch,
+it needs when it runs (``--help``, ``--version`` and ``config show|describe`` import no torch,
 diffusers, ray, transformers or rich; ``tests/unit/test_cli_imports.py`` checks it).
 """
 
@@ -35,6 +36,31 @@ def console():
 
         _console = Console()
     return _console
+
+
+def package_version() -> str:
+    """The installed distribution's version (package metadata); a checkout that was never installed
+    says so and reports ``vchitect.__version__``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("vchitect")
+    except metadata.PackageNotFoundError:
+        from vchitect import __version__
+
+        return f"{__version__} (not installed)"
+
+
+class VersionAction(argparse.Action):
+    """``--version``: print ``PROG VERSION`` and exit; the metadata is read only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="print the version and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
 
 
 def cmd_config_show(args) -> int:
@@ -228,6 +254,7 @@ def add_sample_parser(subparsers) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vchitect", description="Pretrain video diffusion transformers.")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_config = sub.add_parser("config", help="inspect configs")

@@ -1,13 +1,19 @@
-"""`vchitect` subcommands of the foundation: config show, model-info, demo smoke run."""
+"""`vchitect` subcommands of the foundation: config show, model-info, demo smoke run, --version (also of
+`vchitect-curate`)."""
 
 import subprocess
 import sys
+from importlib import metadata
 
 import yaml
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "vchitect.cli", *args], capture_output=True, text=True, timeout=300)
+def run(*args, module="vchitect.cli"):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300)
+
+
+def curate(*args):
+    return run(*args, module="data_pipeline.cli")
 
 
 def test_config_show_prints_resolved_yaml():
@@ -35,3 +41,9 @@ def test_demo_smoke_runs_forward_and_backward():
     r = run("demo", "--smoke")
     assert r.returncode == 0, r.stderr
     assert "loss " in r.stdout and "received gradients" in r.stdout
+
+
+def test_version_comes_from_the_package_metadata():
+    version = metadata.version("vchitect")
+    assert run("--version").stdout == f"vchitect {version}\n"
+    assert curate("--version").stdout == f"vchitect-curate {version}\n"

@@ -1,5 +1,5 @@
-"""The light commands stay light: `vchitect --help`, `config show|describe` and `vchitect-curate --help`
-import none of torch, diffusers, ray, transformers (nor numpy, which torch needs, nor rich), and still
+"""The light commands stay light: `vchitect --help`, `--version`, `config show|describe` and
+`vchitect-curate --help`, `--version` import none of torch, diffusers, ray, transformers (nor numpy, which torch needs, nor rich), and still
 do their job; importing a config costs no torch either.
 
 Each command runs in a fresh interpreter under ``-X importtime``, which lists every module imported,
@@ -18,10 +18,12 @@ HEAVY = {"torch", "diffusers", "ray", "transformers", "numpy", "rich"}
 
 LIGHT_COMMANDS = {
     "vchitect --help": (["vchitect.cli", "--help"], 0, "usage: vchitect"),
+    "vchitect --version": (["vchitect.cli", "--version"], 0, "vchitect "),
     "vchitect config show": (["vchitect.cli", "config", "show", "configs/model/tiny.yaml", "model.num_layers=3"], 0,
                              "num_layers: 3"),
     "vchitect config describe": (["vchitect.cli", "config", "describe"], 0, "| `model.num_layers` |"),
     "vchitect-curate --help": (["data_pipeline.cli", "--help"], 0, "usage: vchitect-curate"),
+    "vchitect-curate --version": (["data_pipeline.cli", "--version"], 0, "vchitect-curate "),
 }
 
 
