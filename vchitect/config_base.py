@@ -220,12 +220,13 @@ def _convert(key: str, value: Any, tp, meta) -> Any:
 
 
 SECRET_KEYS = {"key", "secret", "password", "token", "api_key"}
+CREDENTIAL_SECTIONS = {"s3", "storage"}  # data.s3 of a run, storage (and storage.options) of a curation
 
 
 def to_dict(cfg, redact: bool = True) -> dict:
-    """The config as plain data. Credentials (``key``, ``secret``, … under a section named ``s3`` or
-    ending in ``credentials``) are replaced by ``<redacted>`` unless ``redact=False``: this is what
-    is printed, logged, and written into run folders and checkpoints."""
+    """The config as plain data. Credentials (``key``, ``secret``, … anywhere under a section named
+    ``s3`` or ``storage`` or ending in ``credentials``) are replaced by ``<redacted>`` unless
+    ``redact=False``: this is what is printed, logged, and written into run folders and checkpoints."""
     data = dataclasses.asdict(cfg)
     return _redact(data) if redact else data
 
@@ -233,7 +234,8 @@ def to_dict(cfg, redact: bool = True) -> dict:
 def _redact(node, in_credentials: bool = False):
     if isinstance(node, dict):
         return {k: ("<redacted>" if in_credentials and k in SECRET_KEYS and v is not None
-                    else _redact(v, k == "s3" or k.endswith("credentials"))) for k, v in node.items()}
+                    else _redact(v, in_credentials or k in CREDENTIAL_SECTIONS or str(k).endswith("credentials")))
+                for k, v in node.items()}
     if isinstance(node, list):
         return [_redact(v, in_credentials) for v in node]
     return node

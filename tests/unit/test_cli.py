@@ -1,5 +1,5 @@
-"""`vchitect` subcommands of the foundation: config show, model-info, demo smoke run, --version (also of
-`vchitect-curate`)."""
+"""`vchitect` subcommands of the foundation: config show, model-info, demo smoke run, --version;
+`vchitect-curate config show|describe` and --version."""
 
 import subprocess
 import sys
@@ -47,3 +47,27 @@ def test_version_comes_from_the_package_metadata():
     version = metadata.version("vchitect")
     assert run("--version").stdout == f"vchitect {version}\n"
     assert curate("--version").stdout == f"vchitect-curate {version}\n"
+
+
+def test_curate_config_show_resolves_redacts_and_notes_empty_paths():
+    r = curate("config", "show", "configs/curate/synthetic.yaml", "clip.max_duration=5",
+               "storage.options.secret=hunter2", "output.path=/data/shards")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["clip"]["max_duration"] == 5.0 and cfg["output"]["samples_per_shard"] == 4  # override, include
+    assert cfg["storage"]["options"]["secret"] == "<redacted>" and "hunter2" not in r.stdout
+    assert "input.path is empty" in r.stderr and "output.path is empty" not in r.stderr
+    r = curate("config", "show", "configs/curate/default.yaml", "clip.crf=99")
+    assert r.returncode == 2 and "clip.crf=99 is out of range" in r.stderr
+
+
+def test_curate_config_describe_and_help_text():
+    from data_pipeline.config import CurateConfig
+    from vchitect.config_base import describe
+
+    r = curate("config", "describe")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("| key | type | default | meaning |\n")
+    assert all(f"| `{key}` |" in r.stdout for key, *_ in describe(CurateConfig))
+    help_text = curate("--help").stdout
+    assert "config" in help_text and "``" not in help_text  # no raw reST markup

@@ -1,6 +1,6 @@
-"""The light commands stay light: `vchitect --help`, `--version`, `config show|describe` and
-`vchitect-curate --help`, `--version` import none of torch, diffusers, ray, transformers (nor numpy, which torch needs, nor rich), and still
-do their job; importing a config costs no torch either.
+"""The light commands stay light: `vchitect --help`, `--version`, `config show|describe` and the same
+`vchitect-curate` commands import none of torch, diffusers, ray, transformers (nor numpy, which torch
+needs, nor rich), and still do their job; importing a config costs no torch either.
 
 Each command runs in a fresh interpreter under ``-X importtime``, which lists every module imported,
 start-up included. Timings are in benchmarks/RESULTS.md ("CLI start-up"), not asserted here."""
@@ -24,6 +24,9 @@ LIGHT_COMMANDS = {
     "vchitect config describe": (["vchitect.cli", "config", "describe"], 0, "| `model.num_layers` |"),
     "vchitect-curate --help": (["data_pipeline.cli", "--help"], 0, "usage: vchitect-curate"),
     "vchitect-curate --version": (["data_pipeline.cli", "--version"], 0, "vchitect-curate "),
+    "vchitect-curate config show": (["data_pipeline.cli", "config", "show", "configs/curate/default.yaml"], 0,
+                                    "samples_per_shard: 1000"),
+    "vchitect-curate config describe": (["data_pipeline.cli", "config", "describe"], 0, "| `clip.crf` |"),
 }
 
 
