@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -203,13 +204,42 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export.cli import cmd_export  # torch and diffusers: only when the command runs
+    """Arguments checked here, in a second, before vchitect.export.cli imports torch and diffusers."""
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", args.max_shard_size, re.IGNORECASE):
+        return user_error("export error", f"--max-shard-size {args.max_shard_size!r}: give a size such as 5GB or "
+                          f"500MB (units KB, MB, GB, TB)")
+    from .export.cli import cmd_export
 
     return cmd_export(args)
 
 
+def sample_source_problem(source: Path) -> str | None:
+    """Why ``vchitect sample SOURCE`` (no CKPT) has nothing to load at ``source``, or None when it is
+    an export folder or may hold a checkpoint (then the checkpoint loader has the last word)."""
+    if (source / "model_index.json").is_file() or source.name.startswith("step-"):
+        return None
+    if source.is_dir() and (any(source.glob("step-*")) or any(source.glob("checkpoints/step-*"))):
+        return None
+    if not source.exists():
+        why = "it does not exist"
+    elif source.is_file():
+        why = "it is a file; a config YAML needs the checkpoint after it: `vchitect sample CONFIG CKPT …`"
+    else:
+        why = "the folder has no model_index.json and no step-… folder"
+    return (f"neither an export folder nor a checkpoint was found at {source} ({why}). An export folder, written "
+            f"by `vchitect export CKPT OUT`, holds model_index.json, transformer/ and scheduler/; a checkpoint is "
+            f"a step-… folder written by `vchitect train`, or the run or checkpoints/ folder holding them")
+
+
 def cmd_sample(args) -> int:
-    from .export.cli import cmd_sample  # torch and diffusers: only when the command runs
+    """Arguments checked here, before vchitect.export.cli imports torch and diffusers (and before
+    minutes of sampling)."""
+    if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
+        return user_error("sample error", f"--out {args.out}: write .mp4 or .gif")
+    problem = sample_source_problem(Path(args.source)) if args.ckpt is None else None
+    if problem:
+        return user_error("sample error", problem)
+    from .export.cli import cmd_sample
 
     return cmd_sample(args)
 

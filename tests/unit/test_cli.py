@@ -1,5 +1,5 @@
-"""`vchitect` subcommands of the foundation: config show, model-info, demo smoke run, --version;
-`vchitect-curate config show|describe` and --version."""
+"""`vchitect` subcommands of the foundation: config show, model-info, demo smoke run, --version, the
+`sample` of a path holding nothing; `vchitect-curate config show|describe` and --version."""
 
 import subprocess
 import sys
@@ -47,6 +47,19 @@ def test_version_comes_from_the_package_metadata():
     version = metadata.version("vchitect")
     assert run("--version").stdout == f"vchitect {version}\n"
     assert curate("--version").stdout == f"vchitect-curate {version}\n"
+
+
+def test_sample_of_a_path_holding_nothing_names_both_kinds_of_source(tmp_path, capsys):
+    from vchitect.cli import main
+
+    (tmp_path / "empty").mkdir()
+    for source, why in ((tmp_path / "nope", "it does not exist"),
+                        (tmp_path / "empty", "the folder has no model_index.json and no step-… folder")):
+        assert main(["sample", str(source), "--prompt", "a cat", "--out", str(tmp_path / "v.gif")]) == 2
+        out = capsys.readouterr().out
+        assert out.startswith(f"sample error: neither an export folder nor a checkpoint was found at {source} ({why})")
+        assert "model_index.json" in out and "step-…" in out and out.count("\n") == 1, out
+    assert not list(tmp_path.glob("v.*"))
 
 
 def test_curate_config_show_resolves_redacts_and_notes_empty_paths():

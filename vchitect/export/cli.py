@@ -12,22 +12,17 @@ video tokens over the N ranks with Ulysses sequence parallelism; rank 0 writes t
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 
-from vchitect.cli import add_export_parser, add_sample_parser  # noqa: F401  (re-exported)
+from vchitect.cli import add_export_parser, add_sample_parser, user_error  # noqa: F401  (parsers re-exported)
 
 
 def cmd_export(args) -> int:
-    from vchitect.cli import user_error
-
+    """The work of ``vchitect export``; :func:`vchitect.cli.cmd_export` has checked the arguments."""
     from .export import ExportError, export
 
-    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", args.max_shard_size, re.IGNORECASE):
-        return user_error("export error", f"--max-shard-size {args.max_shard_size!r}: give a size such as 5GB or "
-                          f"500MB (units KB, MB, GB, TB)")
     try:
         export(args.ckpt, args.out, ema=args.ema, dtype=args.dtype, base=args.base, max_shard_size=args.max_shard_size,
                overwrite=args.overwrite)
@@ -101,16 +96,14 @@ def _init_sequence_parallel(pipe, device):
 
 
 def cmd_sample(args) -> int:
+    """The work of ``vchitect sample``; :func:`vchitect.cli.cmd_sample` has checked the arguments."""
     import torch
 
-    from vchitect.cli import user_error
     from vchitect.diffusion.fastercache import FasterCacheConfig
     from vchitect.diffusion.freeinit import FreeInitConfig
 
     from .export import ExportError
 
-    if Path(args.out).suffix.lower() not in (".mp4", ".gif"):  # before minutes of sampling, not after
-        return user_error("sample error", f"--out {args.out}: write .mp4 or .gif")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
