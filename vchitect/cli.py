@@ -333,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_submit.add_argument("overrides", nargs="*", help="dotted overrides passed to the job")
     p_submit.add_argument("--nodes", type=int, required=True, help="nodes (one task per node)")
     p_submit.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node; 0 = CPU job")
-    p_submit.add_argument("--cpus-per-node", type=int, default=None, help="CPUs per task (default: Slurm's)")
+    p_submit.add_argument("--cpus-per-node", type=int, default=None,
+                          help="CPUs of each node's one task: all of a node's cores for a full-node job (default for "
+                          "train: one per rank and per data-loader worker; required for curate)")
     p_submit.add_argument("--partition", default=None, help="Slurm partition")
     p_submit.add_argument("--time", default=None, help="time limit, e.g. 48:00:00")
     p_submit.add_argument("--account", default=None, help="Slurm account")
