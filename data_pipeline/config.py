@@ -1,7 +1,9 @@
 """Typed configuration of a curation run (``vchitect-curate run CONFIG [section.key=value …]``).
 
-Loaded with the project's generic loader (:func:`vchitect.config.load_config`): unknown keys,
-wrong types and out-of-range values raise :class:`vchitect.config.ConfigError` naming the key.
+Loaded with the project's generic loader (:mod:`vchitect.config_base`, which imports neither the
+training config nor torch): unknown keys, wrong types and out-of-range values raise
+:class:`vchitect.config_base.ConfigError` naming the key. ``vchitect-curate config describe`` prints
+every key (the reference table in docs/curation.md).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from vchitect.config import ConfigError, load_config, setting, to_dict
+from vchitect.config_base import ConfigError, load_config, setting, to_dict
 
 __all__ = ["CurateConfig", "ConfigError", "load_curate_config", "config_fingerprint"]
 
@@ -214,10 +216,6 @@ class CurateConfig:
     latents: LatentsConfig = setting(default_factory=LatentsConfig, help="latents")
 
     def validate(self) -> None:
-        if not self.input.path:
-            raise ConfigError("input.path is required: a directory, an s3:// prefix or a manifest file")
-        if not self.output.path:
-            raise ConfigError("output.path is required: a local folder or s3://bucket/prefix")
         if self.clip.min_duration > self.clip.max_duration:
             raise ConfigError(f"clip.min_duration={self.clip.min_duration} is larger than "
                               f"clip.max_duration={self.clip.max_duration}")
@@ -229,9 +227,23 @@ class CurateConfig:
         if self.latents.enabled and not (self.latents.vae_path and self.latents.text_encoder_path):
             raise ConfigError("latents.enabled=true needs latents.vae_path and latents.text_encoder_path")
 
+    def missing_paths(self) -> dict[str, str]:
+        """The required paths still empty, each with what it must be (the presets in configs/curate/
+        leave both to the command line)."""
+        required = {"input.path": (self.input.path, "a directory, an s3:// prefix or a manifest file"),
+                    "output.path": (self.output.path, "a local folder or s3://bucket/prefix")}
+        return {key: what for key, (value, what) in required.items() if not value}
 
-def load_curate_config(path=None, overrides=None) -> CurateConfig:
-    return load_config(path, overrides, schema=CurateConfig)
+
+def load_curate_config(path=None, overrides=None, *, require_paths: bool = True) -> CurateConfig:
+    """Read and validate a curation config. A run needs ``input.path`` and ``output.path``;
+    ``require_paths=False`` (``vchitect-curate config show``) accepts them empty."""
+    cfg = load_config(path, overrides, schema=CurateConfig)
+    missing = cfg.missing_paths() if require_paths else {}
+    if missing:
+        key, what = next(iter(missing.items()))
+        raise ConfigError(f"{key} is required: {what}")
+    return cfg
 
 
 # Fields that do not change what is written (where, how fast, with which credentials).

@@ -40,11 +40,29 @@ def render_template(template: str, values: dict[str, str]) -> str:
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-def sbatch_lines(args, *, job_name: str, log_dir: Path, gpus: int) -> list[str]:
+def cpus_per_node(args, ranks: int, loader_workers: Optional[int]) -> int:
+    """``--cpus-per-node``, or for a train job without it one CPU per process the node runs: each of
+    its ``ranks`` and their ``loader_workers`` data-loader workers (said on stderr). Without it
+    Slurm gives the node's one task a single CPU, which torchrun and every rank would share
+    (docs/slurm.md); a curation job has no such rule (Ray takes what the task has), so it is refused."""
+    if args.cpus_per_node is not None:
+        if args.cpus_per_node < ranks:
+            raise ValueError(f"--cpus-per-node {args.cpus_per_node} is fewer than the {ranks} ranks each node runs; "
+                             f"give at least one CPU per rank (all of a node's cores for a full-node job)")
+        return args.cpus_per_node
+    if loader_workers is None:
+        raise ValueError("--cpus-per-node is required for curate jobs: it is what Ray may use on each node "
+                         "(without it Slurm gives the node's task one CPU); give e.g. all of a node's cores")
+    cpus = ranks * (1 + loader_workers)
+    print(f"vchitect submit: no --cpus-per-node: asking for {cpus} CPUs per node, one per process "
+          f"({ranks} rank{'s' if ranks > 1 else ''} × (1 + data.num_workers={loader_workers})); give "
+          f"--cpus-per-node for more (all of a node's cores for a full-node job)", file=sys.stderr)
+    return cpus
+
+
+def sbatch_lines(args, *, job_name: str, log_dir: Path, gpus: int, cpus: int) -> list[str]:
     """The #SBATCH header: one task per node, requeue on preemption, logs appended per job."""
-    lines = [f"--job-name={job_name}", f"--nodes={args.nodes}", "--ntasks-per-node=1"]
-    if args.cpus_per_node:
-        lines.append(f"--cpus-per-task={args.cpus_per_node}")
+    lines = [f"--job-name={job_name}", f"--nodes={args.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}"]
     if gpus:
         lines.append(f"--gpus-per-node={gpus}")
     for flag, value in (("partition", args.partition), ("time", args.time), ("account", args.account),
@@ -91,6 +109,7 @@ def render(args) -> tuple[str, Path, str]:
         output_dir = _abs(cfg.train.output_dir)
         cpu_job = args.gpus_per_node == 0 or cfg.train.device == "cpu"
         default_logs = Path(output_dir) / "slurm"
+        loader_workers = cfg.data.num_workers
     else:
         from data_pipeline.config import load_curate_config
 
@@ -98,11 +117,14 @@ def render(args) -> tuple[str, Path, str]:
         output_dir = cfg.output.path if "://" in cfg.output.path else _abs(cfg.output.path)
         cpu_job = args.gpus_per_node == 0
         default_logs = Path.cwd() / "slurm-logs"  # not inside the shard folder
+        loader_workers = None
     log_dir = Path(_abs(args.log_dir)) if args.log_dir else default_logs
     job_name = args.job_name or f"vchitect-{args.kind}"
     gpus = 0 if cpu_job else args.gpus_per_node
+    ranks = max(1, args.gpus_per_node) if args.kind == "train" else 1
+    cpus = cpus_per_node(args, ranks, loader_workers)
     values = {
-        "SBATCH": "\n".join(sbatch_lines(args, job_name=job_name, log_dir=log_dir, gpus=gpus)),
+        "SBATCH": "\n".join(sbatch_lines(args, job_name=job_name, log_dir=log_dir, gpus=gpus, cpus=cpus)),
         "SUBMIT_CMD": " ".join(shlex.quote(a) for a in ["vchitect", "submit", *(a for a in sys.argv[2:] if a != "--dry-run")])
         if Path(sys.argv[0]).name in ("vchitect", "cli.py") else "vchitect submit …",
         "WORKDIR": shlex.quote(str(Path.cwd())),

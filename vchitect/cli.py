@@ -11,40 +11,77 @@
     vchitect submit (train|curate) CONFIG --nodes N --gpus-per-node G [--dry-run]
     vchitect demo [--out demo_out] [--quick]      the whole pipeline on CPU (docs/demo.md); --smoke: one step
     vchitect eval VIDEOS_DIR                      VBench-style metrics and the prompt-following probe
+    vchitect --version
+
+Start-up stays light: this module imports only the standard library, and each command imports what
+it needs when it runs (``--help``, ``--version`` and ``config show|describe`` import no torch,
+diffusers, ray, transformers or rich; ``tests/unit/test_cli_imports.py`` checks it).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from pathlib import Path
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+_console = None
 
-from .config import ConfigError, load_config, to_yaml
 
-console = Console()
+def console():
+    """The rich console of tables and error lines, created on first use (rich costs ~0.2 s to import)."""
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console()
+    return _console
+
+
+def package_version() -> str:
+    """The installed distribution's version (package metadata); a checkout that was never installed
+    says so and reports ``vchitect.__version__``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("vchitect")
+    except metadata.PackageNotFoundError:
+        from vchitect import __version__
+
+        return f"{__version__} (not installed)"
+
+
+class VersionAction(argparse.Action):
+    """``--version``: print ``PROG VERSION`` and exit; the metadata is read only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="print the version and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
 
 
 def cmd_config_show(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    console.print(to_yaml(cfg), end="", markup=False, highlight=False)
+    from .config import load_config, to_yaml
+
+    sys.stdout.write(to_yaml(load_config(args.config, args.overrides)))
     return 0
 
 
 def cmd_config_describe(args) -> int:
-    from .config import Config, describe
+    from .config import Config, reference_table
 
-    print("| key | type | default | meaning |")
-    print("|---|---|---|---|")
-    for key, tp, default, help_text in describe(Config):
-        print(f"| `{key}` | {tp} | `{default}` | {help_text.replace('|', '/')} |")
+    sys.stdout.write(reference_table(Config))
     return 0
 
 
 def cmd_model_info(args) -> int:
+    from rich.table import Table
+
+    from .config import ConfigError, load_config
     from .models.flops import count_parameters, model_flops
 
     cfg = load_config(args.config, args.overrides)
@@ -72,14 +109,14 @@ def cmd_model_info(args) -> int:
     table.add_row("video tokens", f"{tokens:,} (+ {args.text_len} text tokens per frame)")
     table.add_row("forward FLOPs", f"{fc.forward_total:.4e}")
     table.add_row("train-step FLOPs (fwd+bwd)", f"{fc.train_step:.4e}")
-    console.print(table)
+    console().print(table)
     breakdown = Table(title="forward FLOPs by component")
     breakdown.add_column("component")
     breakdown.add_column("FLOPs", justify="right")
     breakdown.add_column("share", justify="right")
     for name, value in sorted(fc.forward.items(), key=lambda kv: -kv[1]):
         breakdown.add_row(name, f"{value:.3e}", f"{100 * value / fc.forward_total:.1f}%")
-    console.print(breakdown)
+    console().print(breakdown)
     # Plain lines for scripts.
     print(f"parameters: {params}")
     print(f"train_step_flops: {fc.train_step:.6e}")
@@ -88,6 +125,8 @@ def cmd_model_info(args) -> int:
 
 def load_train_config(args):
     """The run config of `train CONFIG [overrides] [--resume …]`."""
+    from .config import load_config
+
     cfg = load_config(args.config, args.overrides)
     if args.resume is not None:
         cfg.train.resume = args.resume
@@ -121,6 +160,8 @@ def cmd_train(args) -> int:
 def cmd_launch(args) -> int:
     from launch.local import launch
 
+    from .config_base import ConfigError
+
     if not args.command_argv or args.nproc < 1:
         raise ConfigError("vchitect launch: give --nproc N (N >= 1) and the command to run, e.g. "
                           "`vchitect launch --nproc 2 train CONFIG`")
@@ -142,8 +183,6 @@ def cmd_demo(args) -> int:
         from .smoke import run_smoke
 
         return run_smoke(args.config, args.overrides)
-    from pathlib import Path
-
     from .demo import DemoSettings, run_demo
 
     out = Path(args.out)
@@ -164,8 +203,88 @@ def cmd_eval(args) -> int:
                     json_out=args.json)
 
 
+def cmd_export(args) -> int:
+    """Arguments checked here, in a second, before vchitect.export.cli imports torch and diffusers."""
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", args.max_shard_size, re.IGNORECASE):
+        return user_error("export error", f"--max-shard-size {args.max_shard_size!r}: give a size such as 5GB or "
+                          f"500MB (units KB, MB, GB, TB)")
+    from .export.cli import cmd_export
+
+    return cmd_export(args)
+
+
+def sample_source_problem(source: Path) -> str | None:
+    """Why ``vchitect sample SOURCE`` (no CKPT) has nothing to load at ``source``, or None when it is
+    an export folder or may hold a checkpoint (then the checkpoint loader has the last word)."""
+    if (source / "model_index.json").is_file() or source.name.startswith("step-"):
+        return None
+    if source.is_dir() and (any(source.glob("step-*")) or any(source.glob("checkpoints/step-*"))):
+        return None
+    if not source.exists():
+        why = "it does not exist"
+    elif source.is_file():
+        why = "it is a file; a config YAML needs the checkpoint after it: `vchitect sample CONFIG CKPT …`"
+    else:
+        why = "the folder has no model_index.json and no step-… folder"
+    return (f"neither an export folder nor a checkpoint was found at {source} ({why}). An export folder, written "
+            f"by `vchitect export CKPT OUT`, holds model_index.json, transformer/ and scheduler/; a checkpoint is "
+            f"a step-… folder written by `vchitect train`, or the run or checkpoints/ folder holding them")
+
+
+def cmd_sample(args) -> int:
+    """Arguments checked here, before vchitect.export.cli imports torch and diffusers (and before
+    minutes of sampling)."""
+    if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
+        return user_error("sample error", f"--out {args.out}: write .mp4 or .gif")
+    problem = sample_source_problem(Path(args.source)) if args.ckpt is None else None
+    if problem:
+        return user_error("sample error", problem)
+    from .export.cli import cmd_sample
+
+    return cmd_sample(args)
+
+
+def add_export_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="turn a DCP training checkpoint into a diffusers pipeline folder")
+    p.add_argument("ckpt", help="a step-… checkpoint folder, or a run / checkpoints folder (newest complete step)")
+    p.add_argument("out", help="output pipeline folder (written to a temporary name, then renamed)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw model weights")
+    p.add_argument("--dtype", default="fp32", help="weight dtype: bf16, fp16 or fp32 (default fp32)")
+    p.add_argument("--base", default=None, help="diffusers folder supplying vae/, text_encoder/, tokenizer/ "
+                   "(default: the local paths in the run config)")
+    p.add_argument("--max-shard-size", default="5GB", help="split transformer weights above this size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export)
+
+def add_sample_parser(subparsers) -> None:
+    p = subparsers.add_parser("sample", help="generate a video from an export folder or a training checkpoint")
+    p.add_argument("source", help="export folder (model_index.json), checkpoint folder, or a config YAML followed "
+                   "by a checkpoint")
+    p.add_argument("ckpt", nargs="?", default=None, help="checkpoint, when SOURCE is a config")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: the empty prompt)")
+    p.add_argument("--out", required=True, help="output .mp4 or .gif")
+    p.add_argument("--frames", type=int, default=16, help="video frames (default 16)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's sample size)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's sample size)")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
+    p.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written file")
+    p.add_argument("--fastercache", action="store_true", help="FasterCache with its default schedule "
+                   "(see docs/sampling.md)")
+    p.add_argument("--freeinit", type=int, default=0, metavar="N", help="FreeInit re-initialisations (0 = off)")
+    p.add_argument("--freeinit-filter", default="butterworth", choices=["butterworth", "gaussian", "ideal"])
+    p.add_argument("--ema", action="store_true", help="checkpoint sources: use the EMA weights")
+    p.add_argument("--dtype", default="fp32", help="checkpoint sources: bf16, fp16 or fp32")
+    p.add_argument("--base", default=None, help="checkpoint sources: folder with vae/, text_encoder/, tokenizer/")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=cmd_sample)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vchitect", description="Pretrain video diffusion transformers.")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_config = sub.add_parser("config", help="inspect configs")
@@ -205,8 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
     p_launch.add_argument("command_argv", nargs=argparse.REMAINDER, help="the command, e.g. train CONFIG …")
     p_launch.set_defaults(func=cmd_launch)
 
-    from .export.cli import add_export_parser, add_sample_parser
-
     add_export_parser(sub)
     add_sample_parser(sub)
 
@@ -216,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_submit.add_argument("overrides", nargs="*", help="dotted overrides passed to the job")
     p_submit.add_argument("--nodes", type=int, required=True, help="nodes (one task per node)")
     p_submit.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node; 0 = CPU job")
-    p_submit.add_argument("--cpus-per-node", type=int, default=None, help="CPUs per task (default: Slurm's)")
+    p_submit.add_argument("--cpus-per-node", type=int, default=None,
+                          help="CPUs of each node's one task: all of a node's cores for a full-node job (default for "
+                          "train: one per rank and per data-loader worker; required for curate)")
     p_submit.add_argument("--partition", default=None, help="Slurm partition")
     p_submit.add_argument("--time", default=None, help="time limit, e.g. 48:00:00")
     p_submit.add_argument("--account", default=None, help="Slurm account")
@@ -258,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
     watch_launcher()  # a rank of `vchitect launch` stops when its launcher dies; elsewhere a no-op
     args = build_parser().parse_args(argv)
+    from .config_base import ConfigError
     from .parallel.dims import ParallelLayoutError
 
     try:
@@ -272,8 +392,10 @@ def user_error(kind: str, message: str) -> int:
     from launch.local import report_user_error
 
     if not report_user_error(f"{kind}: {message}"):
+        from rich.markup import escape
+
         # soft_wrap: one line however long (rich would otherwise wrap at the terminal's or 80 columns)
-        console.print(f"[bold red]{kind}:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        console().print(f"[bold red]{kind}:[/] {escape(message)}", highlight=False, soft_wrap=True)
     leave_if_rank(2)
     return 2
 

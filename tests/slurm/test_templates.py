@@ -148,3 +148,18 @@ def test_submit_pipes_the_script_to_sbatch_and_reports_the_resume_point(monkeypa
     submitted = (tmp_path / "submitted.sh").read_text()
     assert submitted == (tmp_path / "run" / "slurm" / "4242.sbatch").read_text()
     assert f"#SBATCH --output={tmp_path}/run/slurm/%x-%j.out" in submitted
+
+
+def test_cpus_per_node_is_never_left_to_slurms_one_cpu(capsys):
+    """`--nodes 4 --gpus-per-node 8` without `--cpus-per-node` used to render no --cpus-per-task at all,
+    i.e. one CPU for torchrun and all 8 ranks of a node (docs/slurm.md)."""
+    script = slurm.render(submit_args("train", "configs/train/demo.yaml", "data.num_workers=3", nodes=4,
+                                      gpus_per_node=8))[0]
+    assert "#SBATCH --cpus-per-task=32" in script.splitlines()  # 8 ranks × (1 rank + 3 loader workers)
+    assert "asking for 32 CPUs per node" in capsys.readouterr().err
+    given = slurm.render(submit_args("train", "configs/train/demo.yaml", nodes=4, gpus_per_node=8, cpus_per_node=96))[0]
+    assert "#SBATCH --cpus-per-task=96" in given.splitlines() and capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="--cpus-per-node 4 is fewer than the 8 ranks"):
+        slurm.render(submit_args("train", "configs/train/demo.yaml", nodes=4, gpus_per_node=8, cpus_per_node=4))
+    with pytest.raises(ValueError, match="--cpus-per-node is required for curate jobs"):
+        slurm.render(submit_args("curate", "configs/curate/synthetic.yaml", "input.path=/raw", "output.path=/out"))

@@ -94,6 +94,16 @@ def test_docs_list_every_config_key():
     assert not missing, f"docs/configs.md lacks {missing}; regenerate it with `vchitect config describe`"
 
 
+def test_curation_docs_list_every_curate_key():
+    from pathlib import Path
+
+    from data_pipeline.config import CurateConfig
+
+    text = Path("docs/curation.md").read_text()
+    missing = [key for key, *_ in describe(CurateConfig) if f"| `{key}` |" not in text]
+    assert not missing, f"docs/curation.md lacks {missing}; regenerate it with `vchitect-curate config describe`"
+
+
 def test_demo_preset_builds_its_position_table_for_its_own_patch_grid():
     # The demo learns where a shape is only if neighbouring patches are far apart in the sin-cos
     # table: a larger table centre-cropped to the 4×4 grid spaced them 0.25 apart, and the full

@@ -1,13 +1,14 @@
 """Training-side data: a streaming, resumable WebDataset loader (local disk or S3), buckets,
-joint image-video batches, and the on-device encode step. See docs/data.md."""
+joint image-video batches, and the on-device encode step. See docs/data.md.
 
-import vchitect.config  # noqa: F401  first: it imports .config back for Config.data
+The names below are imported on first use (:mod:`vchitect.lazy`): the run config imports
+:mod:`vchitect.data.config` without torch, PyAV or the loader."""
 
-from .config import BucketConfig, DataConfig, EncoderConfig, S3Config, SourceConfig, TextShapeConfig
-from .encode import encode_batch, load_encoders, vae_encode_split
-from .loader import ShardLoader, build_loader
-from .synthetic import SyntheticLoader
+from vchitect.lazy import lazy_exports
 
-__all__ = ["BucketConfig", "DataConfig", "EncoderConfig", "S3Config", "SourceConfig", "TextShapeConfig",
-           "ShardLoader", "SyntheticLoader", "build_loader", "encode_batch", "load_encoders",
-           "vae_encode_split"]
+lazy_exports(__name__, {
+    "BucketConfig": "config", "DataConfig": "config", "EncoderConfig": "config", "S3Config": "config",
+    "SourceConfig": "config", "TextShapeConfig": "config",
+    "ShardLoader": "loader", "build_loader": "loader", "SyntheticLoader": "synthetic",
+    "encode_batch": "encode", "load_encoders": "encode", "vae_encode_split": "encode",
+})

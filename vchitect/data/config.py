@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from vchitect.config import ConfigError, setting
+from vchitect.config_base import ConfigError, setting
 
 
 @dataclass

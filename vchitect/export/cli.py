@@ -1,4 +1,6 @@
-"""``vchitect export`` and ``vchitect sample``: parser builders registered by :mod:`vchitect.cli`.
+"""``vchitect export`` and ``vchitect sample``: the commands whose parsers :mod:`vchitect.cli` builds
+(``add_export_parser`` / ``add_sample_parser`` live there, so ``vchitect --help`` imports neither
+this package nor torch; they are re-exported here).
 
     vchitect export CKPT OUT [--ema] [--dtype bf16|fp16|fp32] [--base DIR] [--max-shard-size 5GB]
     vchitect sample (EXPORT_DIR | CKPT | CONFIG CKPT) --prompt … --out video.mp4|.gif [options]
@@ -10,39 +12,23 @@ video tokens over the N ranks with Ulysses sequence parallelism; rank 0 writes t
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 
+from vchitect.cli import add_export_parser, add_sample_parser, user_error  # noqa: F401  (parsers re-exported)
+
 
 def cmd_export(args) -> int:
-    from vchitect.cli import user_error
-
+    """The work of ``vchitect export``; :func:`vchitect.cli.cmd_export` has checked the arguments."""
     from .export import ExportError, export
 
-    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", args.max_shard_size, re.IGNORECASE):
-        return user_error("export error", f"--max-shard-size {args.max_shard_size!r}: give a size such as 5GB or "
-                          f"500MB (units KB, MB, GB, TB)")
     try:
         export(args.ckpt, args.out, ema=args.ema, dtype=args.dtype, base=args.base, max_shard_size=args.max_shard_size,
                overwrite=args.overwrite)
     except ExportError as exc:
         return user_error("export error", str(exc))
     return 0
-
-
-def add_export_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="turn a DCP training checkpoint into a diffusers pipeline folder")
-    p.add_argument("ckpt", help="a step-… checkpoint folder, or a run / checkpoints folder (newest complete step)")
-    p.add_argument("out", help="output pipeline folder (written to a temporary name, then renamed)")
-    p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw model weights")
-    p.add_argument("--dtype", default="fp32", help="weight dtype: bf16, fp16 or fp32 (default fp32)")
-    p.add_argument("--base", default=None, help="diffusers folder supplying vae/, text_encoder/, tokenizer/ "
-                   "(default: the local paths in the run config)")
-    p.add_argument("--max-shard-size", default="5GB", help="split transformer weights above this size (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=cmd_export)
 
 
 # ------------------------------------------------------------------ sample
@@ -110,16 +96,14 @@ def _init_sequence_parallel(pipe, device):
 
 
 def cmd_sample(args) -> int:
+    """The work of ``vchitect sample``; :func:`vchitect.cli.cmd_sample` has checked the arguments."""
     import torch
 
-    from vchitect.cli import user_error
     from vchitect.diffusion.fastercache import FasterCacheConfig
     from vchitect.diffusion.freeinit import FreeInitConfig
 
     from .export import ExportError
 
-    if Path(args.out).suffix.lower() not in (".mp4", ".gif"):  # before minutes of sampling, not after
-        return user_error("sample error", f"--out {args.out}: write .mp4 or .gif")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -143,32 +127,6 @@ def cmd_sample(args) -> int:
         path = write_video(video[0], args.out, fps=args.fps)
         print(f"wrote {path} ({video.shape[1]} frames, {video.shape[2]}×{video.shape[3]})")
     return 0
-
-
-def add_sample_parser(subparsers) -> None:
-    p = subparsers.add_parser("sample", help="generate a video from an export folder or a training checkpoint")
-    p.add_argument("source", help="export folder (model_index.json), checkpoint folder, or a config YAML followed "
-                   "by a checkpoint")
-    p.add_argument("ckpt", nargs="?", default=None, help="checkpoint, when SOURCE is a config")
-    p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: the empty prompt)")
-    p.add_argument("--out", required=True, help="output .mp4 or .gif")
-    p.add_argument("--frames", type=int, default=16, help="video frames (default 16)")
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's sample size)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's sample size)")
-    p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written file")
-    p.add_argument("--fastercache", action="store_true", help="FasterCache with its default schedule "
-                   "(see docs/sampling.md)")
-    p.add_argument("--freeinit", type=int, default=0, metavar="N", help="FreeInit re-initialisations (0 = off)")
-    p.add_argument("--freeinit-filter", default="butterworth", choices=["butterworth", "gaussian", "ideal"])
-    p.add_argument("--ema", action="store_true", help="checkpoint sources: use the EMA weights")
-    p.add_argument("--dtype", default="fp32", help="checkpoint sources: bf16, fp16 or fp32")
-    p.add_argument("--base", default=None, help="checkpoint sources: folder with vae/, text_encoder/, tokenizer/")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.set_defaults(func=cmd_sample)
 
 
 __all__ = ["add_export_parser", "add_sample_parser", "cmd_export", "cmd_sample", "write_video"]

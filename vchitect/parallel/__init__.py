@@ -2,15 +2,15 @@
 
 ``ParallelDims`` owns the meshes; ``parallelize(model, dims, cfg)`` applies tensor parallel,
 Ulysses sequence parallel, activation checkpointing/offload, compile and FSDP2, in that order.
+The names below are imported on first use (:mod:`vchitect.lazy`): the run config imports
+:mod:`vchitect.parallel.config` without torch.
 """
 
-import vchitect.config  # noqa: F401  (first: it imports .config back, which needs its `setting`)
+from vchitect.lazy import lazy_exports
 
-from .config import ParallelConfig
-from .dims import ParallelDims, ParallelLayoutError, parse_layout
-from .grad_norm import clip_grad_norm_, total_grad_norm
-from .parallelize import (data_parallel_slice, generator_for_rank, manual_seed, parallelize,
-                          seed_for_rank)
-
-__all__ = ["ParallelConfig", "ParallelDims", "ParallelLayoutError", "parse_layout", "parallelize",
-           "data_parallel_slice", "seed_for_rank", "generator_for_rank", "manual_seed", "clip_grad_norm_", "total_grad_norm"]
+lazy_exports(__name__, {
+    "ParallelConfig": "config", "ParallelDims": "dims", "ParallelLayoutError": "dims", "parse_layout": "dims",
+    "parallelize": "parallelize", "data_parallel_slice": "parallelize", "seed_for_rank": "parallelize",
+    "generator_for_rank": "parallelize", "manual_seed": "parallelize",
+    "clip_grad_norm_": "grad_norm", "total_grad_norm": "grad_norm",
+})

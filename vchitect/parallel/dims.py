@@ -24,8 +24,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-
 DIM_NAMES = ("dp_replicate", "dp_shard", "sp", "tp")
 
 
@@ -140,6 +138,7 @@ class ParallelDims:
     # ---------------------------------------------------------------- meshes
     def build_mesh(self, device_type: str | None = None):
         """Create the world mesh and its named views (needs an initialised process group)."""
+        import torch
         from torch.distributed.device_mesh import init_device_mesh
 
         if self._meshes:

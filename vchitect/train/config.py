@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from vchitect.config import ConfigError, setting
+from vchitect.config_base import ConfigError, setting
 
 
 @dataclass
