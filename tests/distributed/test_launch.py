@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.distributed.test_trainer import ENV, write_config
+from tests.helpers_run import ENV, write_config
 from vchitect.data.testing import npy, write_shard
 from vchitect.train.checkpoint import find_latest
 
