@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_pipeline.synthetic import (BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, caption_for, draw_shape,  # noqa: E402
                                      with_article)
 from vchitect.demo import text_encoder_path  # noqa: E402
-from vchitect.demo_corpus import HELD_OUT, OFFSETS, RADIUS, SHOT_LENGTHS, training_combos  # noqa: E402
+from vchitect.demo_corpus import HELD_OUT, OFFSETS, RADIUS, SHOT_LENGTHS, position, training_combos  # noqa: E402
 from vchitect.diffusion.sampling import TextCondition, flow_sigmas, sample  # noqa: E402
 from vchitect.eval.probe import probe_video, score  # noqa: E402
 from vchitect.models.encoders import load_text_encoder  # noqa: E402
@@ -60,13 +60,11 @@ def render_clip(args, color: str, shape: str, direction: str, background, offset
                 start: float) -> np.ndarray:
     """F×size×size×3 uint8: the demo's trajectory sampled at ``args.fps`` from ``start`` seconds into
     the shot (15 % → 85 % of the axis, or 50 % → 85 % with ``--start centre``)."""
-    dx, dy = DIRECTIONS[direction]
+    path = {} if args.start == "edge" else {"begin": 0.5, "span": 0.35}
     out = []
     for k in range(args.frames):
         progress = min(1.0, (start + k / args.fps) / seconds)
-        along = 0.15 + 0.7 * progress if args.start == "edge" else 0.5 + 0.35 * progress
-        pos = along if (dx > 0 or dy > 0) else 1 - along
-        centre = (SOURCE * pos, SOURCE * offset) if dx else (SOURCE * offset, SOURCE * pos)
+        centre = position(direction, progress, offset, SOURCE, **path)
         img = np.empty((SOURCE, SOURCE, 3), np.uint8)
         img[:] = background
         draw_shape(img, shape, centre, args.radius * SOURCE, COLORS[color])

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="output folder of a run (local or s3://)")
     p.add_argument("--plots", default=None, help="folder for the histogram PNGs (default OUT/report, "
                    "or ./curate-report for s3:// outputs)")
-    p.add_argument("overrides", nargs="*", help="storage.* overrides for s3:// outputs")
+    p.add_argument("overrides", nargs="*", help="s3.* overrides for s3:// outputs")
     s = sub.add_parser("synth", help="write a synthetic raw-video corpus with planted defects")
     s.add_argument("out")
     s.add_argument("--n", type=int, default=8, help="number of clean multi-shot videos")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from vchitect.config_base import ConfigError, load_config, setting, to_dict
+from vchitect.data.config import S3Config
 
 __all__ = ["CurateConfig", "ConfigError", "load_curate_config", "config_fingerprint"]
 
@@ -38,18 +39,6 @@ class OutputConfig:
     prefix: str = setting("shard", help="shard file prefix: {prefix}-{index:06d}.tar")
     samples_per_shard: int = setting(1000, min=1, help="maximum samples in one shard")
     max_shard_bytes: int = setting(1 << 30, min=1, help="a shard is closed before it would pass this size")
-
-
-@dataclass
-class StorageConfig:
-    """Object-store access (s3:// inputs or outputs)."""
-
-    endpoint_url: Optional[str] = setting(None, help="S3 endpoint (MinIO, Ceph, a test server); "
-                                          "null = AWS")
-    region: Optional[str] = setting(None, help="S3 region name; null = the client's default")
-    options: dict = setting(default_factory=dict, help="extra fsspec/s3fs storage options. Credentials "
-                            "normally come from the standard AWS chain (environment, ~/.aws); "
-                            "`key`/`secret` here are for tests and never written to outputs")
 
 
 @dataclass
@@ -205,7 +194,10 @@ class CurateConfig:
 
     input: InputConfig = setting(default_factory=InputConfig, help="raw videos")
     output: OutputConfig = setting(default_factory=OutputConfig, help="shards")
-    storage: StorageConfig = setting(default_factory=StorageConfig, help="object store")
+    s3: S3Config = setting(default_factory=S3Config, help="S3 access for s3:// inputs and outputs (the "
+                           "keys of a training config's data.s3)")
+    storage: Optional[dict] = setting(None, help="removed: the storage section is now `s3` (see "
+                                      "docs/curation.md); setting it is an error that names the new keys")
     ray: RayConfig = setting(default_factory=RayConfig, help="Ray resources")
     probe: ProbeConfig = setting(default_factory=ProbeConfig, help="probe")
     split: SplitConfig = setting(default_factory=SplitConfig, help="shot split")
@@ -216,6 +208,8 @@ class CurateConfig:
     latents: LatentsConfig = setting(default_factory=LatentsConfig, help="latents")
 
     def validate(self) -> None:
+        if self.storage is not None:
+            raise ConfigError(renamed_storage_keys(self.storage))
         if self.clip.min_duration > self.clip.max_duration:
             raise ConfigError(f"clip.min_duration={self.clip.min_duration} is larger than "
                               f"clip.max_duration={self.clip.max_duration}")
@@ -247,7 +241,7 @@ def load_curate_config(path=None, overrides=None, *, require_paths: bool = True)
 
 
 # Fields that do not change what is written (where, how fast, with which credentials).
-_NOT_CONTENT = {"output": {"path"}, "storage": None, "ray": None, "input": {"path"}}
+_NOT_CONTENT = {"output": {"path"}, "s3": None, "storage": None, "ray": None, "input": {"path"}}
 
 
 def config_fingerprint(cfg: CurateConfig) -> str:
@@ -264,12 +258,18 @@ def config_fingerprint(cfg: CurateConfig) -> str:
 
 def storage_options(cfg: CurateConfig) -> dict[str, Any]:
     """fsspec options for s3:// paths."""
-    opts = dict(cfg.storage.options)
-    client_kwargs = dict(opts.pop("client_kwargs", {}) or {})
-    if cfg.storage.endpoint_url:
-        client_kwargs["endpoint_url"] = cfg.storage.endpoint_url
-    if cfg.storage.region:
-        client_kwargs["region_name"] = cfg.storage.region
-    if client_kwargs:
-        opts["client_kwargs"] = client_kwargs
-    return opts
+    return cfg.s3.storage_options()
+
+
+def renamed_storage_keys(storage: Any) -> str:
+    """The error for an old curation-only ``storage:`` section: each key it sets and the key of the
+    shared S3Config (``s3.*``) that replaced it."""
+    moves = []
+    for key, value in (storage.items() if isinstance(storage, dict) else []):
+        if key == "options" and isinstance(value, dict):  # credentials went there; now fields of s3
+            fields = S3Config.__dataclass_fields__
+            moves += [f"storage.options.{k} → {'s3.' + k if k in fields else 's3.options.' + k}" for k in value]
+        else:  # endpoint_url, region (and options that is not a mapping): the same name under s3
+            moves.append(f"storage.{key} → s3.{key}")
+    return ("the `storage` section was renamed `s3`, with the keys of a training config's data.s3 (endpoint_url, "
+            "region, profile, key, secret, anon, options): " + ("; ".join(moves) or "rename storage to s3"))

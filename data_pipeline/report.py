@@ -14,15 +14,14 @@ from . import io as vio
 def _options(overrides: list[str] | None) -> dict:
     if not overrides:
         return {}
-    from .config import StorageConfig, storage_options
-    from vchitect.config import apply_overrides, from_dict
+    from .config import renamed_storage_keys
+    from vchitect.config import ConfigError, apply_overrides, from_dict
+    from vchitect.data.config import S3Config
 
-    data = apply_overrides({}, overrides).get("storage", {})
-
-    class _C:  # storage_options() only reads cfg.storage
-        storage = from_dict(StorageConfig, data, prefix="storage.")
-
-    return storage_options(_C)
+    data = apply_overrides({}, overrides)
+    if "storage" in data:
+        raise ConfigError(renamed_storage_keys(data["storage"]))
+    return from_dict(S3Config, data.get("s3", {}), prefix="s3.").storage_options()
 
 
 def collect_scores(out: str, options=None) -> dict[str, list[float]]:

@@ -48,20 +48,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_ranks(args: list[str], nproc: int, *, threads: int,
+                env: dict[str, str] | None = None, force_threads: bool = False,
+                **popen) -> list[subprocess.Popen]:
+    """Start ``python args…`` ``nproc`` times, rank r with the env:// rendezvous variables (RANK=r,
+    LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT) plus ``env`` set, and
+    return the processes (the one place that spawns local ranks: :func:`launch` and the tests' and
+    benchmarks' ``vchitect.parallel.spawn.run_local``). ``OMP_NUM_THREADS`` is ``threads`` unless
+    the caller's environment sets it (``force_threads``: always ``threads``). ``popen`` goes to
+    :class:`subprocess.Popen` (stdout, stderr, text …)."""
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    for rank in range(nproc):
+        rank_vars = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                         LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                         **(env or {}))
+        if force_threads:
+            rank_vars["OMP_NUM_THREADS"] = str(threads)
+        else:
+            rank_vars.setdefault("OMP_NUM_THREADS", str(threads))
+        procs.append(subprocess.Popen([sys.executable, *args], env=rank_vars, **popen))
+    return procs
+
+
 def launch(nproc: int, argv: list[str], threads_per_rank: int | None = None, grace_s: float = 60.0) -> int:
     if nproc < 1:
         raise ValueError(f"--nproc {nproc}: need at least one process")
-    port = free_port()
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
     errors = Path(tempfile.mkdtemp(prefix="vchitect-launch-"))
-    procs: list[subprocess.Popen] = []
-    for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   **{LAUNCHER_PID_ENV: str(os.getpid()), USER_ERRORS_ENV: str(errors)})
-        env.setdefault("OMP_NUM_THREADS", str(threads))
-        # From this (the main) thread: the ranks' parent-death signal fires when the forking thread exits.
-        procs.append(subprocess.Popen([sys.executable, "-m", "vchitect.cli", *argv], env=env))
+    # From this (the main) thread: the ranks' parent-death signal fires when the forking thread exits.
+    procs = start_ranks(["-m", "vchitect.cli", *argv], nproc, threads=threads,
+                        env={LAUNCHER_PID_ENV: str(os.getpid()), USER_ERRORS_ENV: str(errors)})
 
     def forward(signum, frame):
         for p in procs:

@@ -1,6 +1,7 @@
 """A real S3 endpoint for tests: ``moto`` in server mode on 127.0.0.1, one per test session.
 
-Use the ``s3_server`` fixture; it yields ``{"endpoint_url", "key", "secret", "region"}``. Nothing
+Use the ``s3_server`` fixture; it yields ``{"endpoint_url", "key", "secret", "region"}`` — the keys
+of the S3 settings of both configs (training ``data.s3``, curation ``s3``). Nothing
 is written to the process environment: pass these values explicitly, e.g. to fsspec/s3fs as
 ``storage_options={"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...,
 "region_name": ...}}`` or to boto3 as ``endpoint_url=..., aws_access_key_id=...``. Create your

@@ -48,15 +48,21 @@ def training_combos() -> list[tuple[str, str]]:
     return [(c, d) for c in sorted(COLORS) for d in sorted(DIRECTIONS) if (c, d) not in HELD_OUT]
 
 
-def trajectory(direction: str, n: int, size: int, offset: float = 0.5) -> list[tuple[float, float]]:
-    """Centre of the shape in each of ``n`` frames: 15 % → 85 % along the axis (as the generator)."""
+def position(direction: str, progress: float, offset: float = 0.5, size: float = 1.0,
+             begin: float = 0.15, span: float = 0.7) -> tuple[float, float]:
+    """Centre (x, y) of the shape ``progress`` (0 → 1) through its shot, in units of ``size``: it
+    moves from ``begin`` to ``begin + span`` of the frame along the direction's axis (15 % → 85 %,
+    as the generator) at ``offset`` across it. The one trajectory formula of the demo (the corpus
+    and benchmarks/demo_ablation.py)."""
     dx, dy = DIRECTIONS[direction]
-    out = []
-    for i in range(n):
-        along = 0.15 + 0.7 * i / max(1, n - 1)
-        a = size * (along if (dx > 0 or dy > 0) else 1 - along)
-        out.append((a, size * offset) if dx else (size * offset, a))
-    return out
+    along = begin + span * progress
+    a = size * (along if (dx > 0 or dy > 0) else 1 - along)
+    return (a, size * offset) if dx else (size * offset, a)
+
+
+def trajectory(direction: str, n: int, size: int, offset: float = 0.5) -> list[tuple[float, float]]:
+    """Centre of the shape in each of ``n`` frames, spread evenly over the shot (:func:`position`)."""
+    return [position(direction, i / max(1, n - 1), offset, size) for i in range(n)]
 
 
 def render_demo_shot(shot: Shot, size: int = SIZE, fps: float = FPS, radius: float = RADIUS) -> list[np.ndarray]:
@@ -134,4 +140,4 @@ def write_demo_corpus(out: str, n_videos: int = 48, shots_per_video: int = 3, se
 
 
 __all__ = ["FPS", "HELD_OUT", "OFFSETS", "RADIUS", "SHOT_LENGTHS", "SHOT_SECONDS", "SIZE", "caption_for", "render_demo_shot",
-           "training_combos", "trajectory", "write_demo_corpus"]
+           "position", "training_combos", "trajectory", "write_demo_corpus"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.distributed.test_trainer import ENV, write_config
+from tests.helpers_run import ENV, write_config
 from vchitect.data.testing import npy, write_shard
 from vchitect.train.checkpoint import find_latest
 
@@ -132,3 +132,17 @@ def test_a_rank_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_run_local_ranks_get_the_launchers_rendezvous_environment():
+    """`run_local` (tests, benchmarks) and `vchitect launch` start their ranks through one function,
+    :func:`launch.local.start_ranks`: each rank sees RANK/LOCAL_RANK, the world size and one shared
+    loopback port. No torch, well under a second."""
+    from vchitect.parallel.spawn import run_local
+
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+    show = f"import os; print(' '.join(os.environ[k] for k in {keys!r}))"
+    seen = [r.stdout.split() for r in run_local(["-c", show], nproc=2, timeout=60, threads=3)]
+    assert [s[:5] for s in seen] == [["0", "0", "2", "2", "127.0.0.1"], ["1", "1", "2", "2", "127.0.0.1"]]
+    assert seen[0][5] == seen[1][5] and int(seen[0][5]) > 0  # one rendezvous port
+    assert seen[0][6] == seen[1][6] == "3"  # run_local sets the threads, whatever the caller's environment says

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.test_trainer import assert_same_tensors, losses, vchitect
+from tests.helpers_run import assert_same_tensors, losses, vchitect
 from vchitect.train.checkpoint import find_latest, load_tensors
 
 COUNTERS = ("data/samples", "data/batches", "data/skipped", "data/bytes", "data/epoch")

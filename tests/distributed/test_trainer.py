@@ -2,68 +2,16 @@
 frozen parameters, non-finite losses and bad configs. Every run is a real `vchitect launch`."""
 
 import json
-import os
 import signal
 import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from tests.helpers_run import ENV, VCHITECT, assert_same_tensors, losses, vchitect, write_config
 from vchitect.train.checkpoint import complete_checkpoints, find_latest, load_tensors
-
-TINY_RUN = {
-    "include": str(Path("configs/model/tiny.yaml").resolve()),
-    "parallel": {"dp_shard": -1},
-    "data": {"source": "synthetic", "buckets": [{"height": 8, "width": 8, "frames": 3}],
-             "vae_spatial_factor": 1, "vae_temporal_factor": 1, "token_budget": 96, "text": {"max_length": 6},
-             "num_workers": 0},
-    "diffusion": {"text_dropout": 0.2},
-    "train": {"steps": 12, "lr": 1e-3, "warmup_steps": 2, "schedule": "cosine", "weight_decay": 0.01,
-              "ema_decay": 0.9, "checkpoint_every": 6, "keep_checkpoints": 5, "log_every": 1, "progress": False,
-              "tensorboard": False, "wandb": {"mode": "disabled"}},
-}
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def write_config(tmp: Path, name: str = "run.yaml", **sections) -> Path:
-    cfg = json.loads(json.dumps(TINY_RUN))
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path = tmp / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def vchitect(*args, nproc: int | None = None, timeout: float = 300, check: bool = True):
-    cmd = [sys.executable, "-m", "vchitect.cli"]
-    if nproc:
-        cmd += ["launch", "--nproc", str(nproc)]
-    r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=ENV)
-    if check and r.returncode != 0:
-        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
-    return r
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]  # a resumed run rewrites later steps; the last record wins
-    return out
-
-
-def assert_same_tensors(a: dict, b: dict, exact: bool = True):
-    assert a.keys() == b.keys()
-    for k in a:
-        if exact:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +107,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp
 def test_sigterm_checkpoints_exits_75_and_resumes_to_the_same_result(reference, tmp_path):
     run = tmp_path / "run"
     cfg = write_config(tmp_path, train={"output_dir": str(run), "checkpoint_every": 0})
-    cmd = [sys.executable, "-m", "vchitect.cli", "launch", "--nproc", "2", "train", str(cfg)]
+    cmd = [*VCHITECT, "launch", "--nproc", "2", "train", str(cfg)]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline:

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.distributed.test_launch import shard_data
-from tests.distributed.test_trainer import ENV, write_config
+from tests.helpers_run import ENV, write_config
 
 # case → (what goes wrong, words the one line must hold besides the key), where {tmp} is the case's folder
 CASES = {

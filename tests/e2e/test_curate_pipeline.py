@@ -197,11 +197,11 @@ def _s3fs(s3):
 
 
 def _s3_overrides(s3):
-    return [f"storage.endpoint_url={s3['endpoint_url']}", f"storage.region={s3['region']}"]
+    return [f"s3.endpoint_url={s3['endpoint_url']}", f"s3.region={s3['region']}"]
 
 
 def _with_credentials(cfg, s3):
-    cfg.storage.options = {"key": s3["key"], "secret": s3["secret"]}
+    cfg.s3.key, cfg.s3.secret = s3["key"], s3["secret"]
     return cfg
 
 
@@ -261,8 +261,8 @@ def test_bad_inputs_and_s3_output(ray_cluster, corpus, blip, s3_server, tmp_path
     # the report reads an s3:// output too
     lines = []
     pngs = report(out, str(tmp_path / "plots"),
-                  _s3_overrides(s3_server) + [f"storage.options={{key: {s3_server['key']}, "
-                                              f"secret: {s3_server['secret']}}}"], echo=lines.append)
+                  _s3_overrides(s3_server) + [f"s3.key={s3_server['key']}", f"s3.secret={s3_server['secret']}"],
+                  echo=lines.append)
     assert any(line.split() == ["clips_written", str(n_good)] for line in lines)
     assert len(pngs) >= 2 and all(os.path.exists(p) for p in pngs)
     # credentials never reach the outputs

@@ -13,48 +13,24 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
+from tests.helpers_run import ENV, REPO, VCHITECT, assert_same_tensors, losses
+from tests.helpers_run import write_config as write_run_config
 from vchitect.train.checkpoint import find_latest, load_tensors
 
-REPO = Path(__file__).resolve().parents[2]
-VCHITECT = [sys.executable, "-m", "vchitect.cli"]
 STEPS = 30
-
-# The tiny CPU run of tests/distributed/test_trainer.py, one checkpoint at the end.
-TINY_RUN = {
-    "include": str(REPO / "configs/model/tiny.yaml"),
-    "parallel": {"dp_shard": -1},
-    "data": {"source": "synthetic", "buckets": [{"height": 8, "width": 8, "frames": 3}],
-             "vae_spatial_factor": 1, "vae_temporal_factor": 1, "token_budget": 96, "text": {"max_length": 6},
-             "num_workers": 0},
-    "diffusion": {"text_dropout": 0.2},
-    "train": {"steps": STEPS, "lr": 1e-3, "warmup_steps": 2, "schedule": "cosine", "weight_decay": 0.01,
-              "ema_decay": 0.9, "checkpoint_every": 0, "log_every": 1, "progress": False, "tensorboard": False,
-              "wandb": {"mode": "disabled"}},
-}
 
 
 def write_config(path: Path, output_dir: Path) -> Path:
-    cfg = json.loads(json.dumps(TINY_RUN))
-    cfg["train"]["output_dir"] = str(output_dir)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]  # a resumed run rewrites later steps; the last record wins
-    return out
+    """The tiny CPU run of tests/distributed/test_trainer.py for STEPS steps, one checkpoint at the end."""
+    return write_run_config(path.parent, path.name,
+                            train={"output_dir": str(output_dir), "steps": STEPS, "checkpoint_every": 0})
 
 
 def job_env(cluster) -> dict[str, str]:
     # sbatch hands this environment to the job (--export=ALL): SLURM_CONF of the test cluster,
     # one thread per rank on the 2-core machine.
-    return dict(cluster.env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return dict(cluster.env, **{k: ENV[k] for k in ("OMP_NUM_THREADS", "PYTHONUNBUFFERED")})
 
 
 def submit(cluster, *argv: str) -> int:
@@ -105,10 +81,7 @@ def reference(tmp_path_factory):
 
 
 def assert_same_model(a: Path, b: Path) -> None:
-    ta, tb = load_tensors(a), load_tensors(b)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+    assert_same_tensors(load_tensors(a), load_tensors(b))
 
 
 def test_two_node_training_job_equals_a_local_two_process_run(slurm_cluster, reference, tmp_path):

@@ -70,3 +70,50 @@ def test_s3_source_matches_local_and_never_logs_credentials(s3_server, bucket_wi
     assert s3_server["endpoint_url"] not in "\n".join(
         r.getMessage() for r in caplog.records if r.name.startswith("vchitect"))
     assert s3_server["secret"] not in repr(broken.cfg) and s3_server["secret"] not in str(broken.state_dict())
+
+
+S3_KEYS = {"endpoint_url": "http://127.0.0.1:9", "region": "eu-west-1", "profile": "lab", "key": "AKIA-TEST",
+           "secret": "s3cr3t", "anon": False, "options": {"requester_pays": True}}
+
+
+def test_training_and_curation_configs_take_the_same_s3_keys():
+    """One S3 settings shape: `data.s3` of a training config and `s3` of a curation config accept the
+    same keys and give s3fs the same options (curation reads and writes through them)."""
+    from data_pipeline.config import CurateConfig, storage_options
+    from vchitect.config import Config, load_config
+    from vchitect.data.config import S3Config
+
+    train = load_config(overrides=[f"data.s3.{k}={v}" for k, v in S3_KEYS.items() if k != "options"]
+                        + ["data.s3.options={requester_pays: true}", "data.source=synthetic"], schema=Config)
+    curate = from_dict(CurateConfig, {"input": {"path": "s3://b/raw"}, "output": {"path": "s3://b/out"},
+                                      "s3": S3_KEYS})
+    assert type(train.data.s3) is type(curate.s3) is S3Config
+    assert train.data.s3 == curate.s3
+    opts = storage_options(curate)
+    assert opts == train.data.s3.storage_options() == {
+        "requester_pays": True, "key": "AKIA-TEST", "secret": "s3cr3t", "profile": "lab",
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"}}
+    assert "s3cr3t" not in repr(curate.s3) and "AKIA" not in repr(curate.s3)
+    assert from_dict(S3Config, {"anon": True}).storage_options() == {"anon": True}
+
+
+@pytest.mark.parametrize("old, new", [
+    ({"endpoint_url": "http://127.0.0.1:9"}, "storage.endpoint_url → s3.endpoint_url"),
+    ({"region": "eu-west-1"}, "storage.region → s3.region"),
+    ({"options": {"key": "k", "secret": "s"}}, "storage.options.key → s3.key; storage.options.secret → s3.secret"),
+    ({"options": {"requester_pays": True}}, "storage.options.requester_pays → s3.options.requester_pays"),
+])
+def test_old_curation_storage_keys_fail_naming_the_s3_keys(old, new, tmp_path):
+    from data_pipeline.config import load_curate_config
+    from data_pipeline.report import _options
+    from vchitect.config import ConfigError
+
+    path = tmp_path / "old.yaml"
+    path.write_text("input: {path: raw}\noutput: {path: out}\n")
+    key, value = next(iter(old.items()))
+    flat = ([f"storage.{key}.{k}={v}" for k, v in value.items()] if isinstance(value, dict)
+            else [f"storage.{key}={value}"])
+    for load in (lambda: load_curate_config(path, flat), lambda: _options(flat)):
+        with pytest.raises(ConfigError, match="renamed `s3`") as err:
+            load()
+        assert new in str(err.value)

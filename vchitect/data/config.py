@@ -34,7 +34,8 @@ class BucketConfig:
 
 @dataclass
 class S3Config:
-    """How to reach `s3://` sources. Unset fields fall back to the standard AWS environment / profile."""
+    """How to reach `s3://` paths — one shape for training (``data.s3``) and curation (``s3`` of a
+    curation config). Unset fields fall back to the standard AWS environment / profile."""
 
     endpoint_url: Optional[str] = setting(None, help="S3-compatible endpoint (MinIO, Ceph, a local "
                                           "test server); null = AWS")
@@ -43,20 +44,27 @@ class S3Config:
     key: Optional[str] = setting(None, help="access key id; prefer AWS_ACCESS_KEY_ID. Never logged")
     secret: Optional[str] = setting(None, help="secret access key; prefer AWS_SECRET_ACCESS_KEY. "
                                     "Never logged")
+    anon: bool = setting(False, help="unsigned requests (public buckets); no credentials are looked up")
+    options: dict = setting(default_factory=dict, help="further s3fs.S3FileSystem keyword arguments "
+                            "(requester_pays, config_kwargs …); the fields above win over the same "
+                            "settings here. Never logged")
 
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         return (f"S3Config(endpoint_url={'<set>' if self.endpoint_url else None}, "
                 f"region={'<set>' if self.region else None}, profile={'<set>' if self.profile else None}, "
-                f"key={'<set>' if self.key else None}, secret={'<set>' if self.secret else None})")
+                f"key={'<set>' if self.key else None}, secret={'<set>' if self.secret else None}, "
+                f"anon={self.anon}, options={'<set>' if self.options else {}})")
 
     def storage_options(self) -> dict:
-        """Keyword arguments for ``s3fs.S3FileSystem``."""
-        opts: dict = {}
+        """Keyword arguments for ``s3fs.S3FileSystem`` (and fsspec's ``storage_options``)."""
+        opts: dict = dict(self.options)
+        client = dict(opts.pop("client_kwargs", None) or {})
         if self.key or self.secret:
             opts.update(key=self.key, secret=self.secret)
         if self.profile:
             opts["profile"] = self.profile
-        client = {}
+        if self.anon:
+            opts["anon"] = True
         if self.endpoint_url:
             client["endpoint_url"] = self.endpoint_url
         if self.region:

@@ -1,14 +1,14 @@
 """Run one Python command as ``nproc`` local ranks (gloo/NCCL env:// rendezvous) — for tests and
-benchmarks on one machine. Production launches go through ``launch/`` (torchrun / Slurm)."""
+benchmarks on one machine: the ranks start through :func:`launch.local.start_ranks`, as those of
+``vchitect launch`` do; this adds the timeout, the captured output and a raise on failure.
+Production launches go through ``launch/`` (torchrun / Slurm)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 
-from launch.local import free_port  # one loopback port finder for the launcher, the trainer and tests
+from launch.local import start_ranks  # the one place that spawns local ranks (also `vchitect launch`)
 
 
 def run_local(argv: list[str], nproc: int, timeout: float = 600, threads: int = 1,
@@ -16,14 +16,8 @@ def run_local(argv: list[str], nproc: int, timeout: float = 600, threads: int = 
     """Start ``python argv…`` ``nproc`` times with RANK/WORLD_SIZE/MASTER_* set; wait for all.
 
     If one rank fails, the others are stopped (they would wait forever in a collective)."""
-    port = free_port()
-    procs = []
-    for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=str(threads))
-        out = subprocess.PIPE if capture else None
-        procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=out, stderr=out, text=True))
+    out = subprocess.PIPE if capture else None
+    procs = start_ranks(argv, nproc, threads=threads, force_threads=True, stdout=out, stderr=out, text=True)
     deadline = time.time() + timeout
     results: dict[int, subprocess.CompletedProcess] = {}
     try:
