@@ -64,11 +64,11 @@ def test_sample_of_a_path_holding_nothing_names_both_kinds_of_source(tmp_path, c
 
 def test_curate_config_show_resolves_redacts_and_notes_empty_paths():
     r = curate("config", "show", "configs/curate/synthetic.yaml", "clip.max_duration=5",
-               "storage.options.secret=hunter2", "output.path=/data/shards")
+               "s3.secret=hunter2", "output.path=/data/shards")
     assert r.returncode == 0, r.stderr
     cfg = yaml.safe_load(r.stdout)
     assert cfg["clip"]["max_duration"] == 5.0 and cfg["output"]["samples_per_shard"] == 4  # override, include
-    assert cfg["storage"]["options"]["secret"] == "<redacted>" and "hunter2" not in r.stdout
+    assert cfg["s3"]["secret"] == "<redacted>" and "hunter2" not in r.stdout
     assert "input.path is empty" in r.stderr and "output.path is empty" not in r.stderr
     r = curate("config", "show", "configs/curate/default.yaml", "clip.crf=99")
     assert r.returncode == 2 and "clip.crf=99 is out of range" in r.stderr
