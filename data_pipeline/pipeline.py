@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import time
 from collections import Counter
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from . import io as vio
 from .config import CurateConfig, config_fingerprint, storage_options
@@ -157,8 +159,40 @@ def _start_ray(cfg: CurateConfig, address: Optional[str]) -> bool:
     if addr:
         ray.init(address=addr, **kwargs)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or None, **kwargs)
+        with _stdin_detached():
+            ray.init(num_cpus=cfg.ray.num_cpus or None, **kwargs)
     return True
+
+
+@contextmanager
+def _stdin_detached() -> Iterator[None]:
+    """While a local Ray starts, file descriptor 0 is /dev/null, so none of Ray's processes reads the terminal.
+
+    Every process ``ray.init`` starts (GCS, raylet, log monitor …) inherits the driver's fd 0, and the
+    raylet hands it on to every worker it forks. The raylet also puts each worker into a process
+    group of its own (to clean it up as a group), so in a terminal the workers are *background*
+    jobs of the user's session whose stdin is the controlling terminal: the first ``tcsetattr``,
+    ``read`` or other job-controlled call a library makes on it (the ffmpeg CLI's terminal set-up,
+    ``tty.setraw``, ``input()``, curses …) stops the worker with SIGTTOU/SIGTTIN (state ``T``) and
+    the run waits forever. With /dev/null as their stdin, no Ray process holds the terminal at all
+    (their stdout/stderr are Ray's log files). The driver gets its own stdin back afterwards.
+    """
+    saved = None
+    try:
+        saved = os.dup(0)
+    except OSError:  # no stdin at all: /dev/null becomes fd 0 below
+        pass
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        if devnull != 0:
+            os.dup2(devnull, 0)
+        yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 0)
+            os.close(saved)
+        if devnull != 0:
+            os.close(devnull)
 
 
 def check_resources(cfg: CurateConfig, cpus: float, uses_models: bool, uses_vlm: bool) -> None:
