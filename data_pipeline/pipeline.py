@@ -19,7 +19,10 @@ import json
 import logging
 import os
 import pickle
+import signal
+import threading
 import time
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -159,9 +162,27 @@ def _start_ray(cfg: CurateConfig, address: Optional[str]) -> bool:
     if addr:
         ray.init(address=addr, **kwargs)
     else:
-        with _stdin_detached():
+        with _stdin_detached(), _quiet_logger(_RAY_AUTH_LOGGER):
             ray.init(num_cpus=cfg.ray.num_cpus or None, **kwargs)
     return True
+
+
+# A new local cluster turns on token authentication when RAY_AUTH_MODE is unset, and says so with a
+# warning on every start ("Token authentication is enabled … Set RAY_AUTH_MODE=disabled to opt
+# out"). That is the setting we want, so the note is kept off the console while we start one.
+# (Setting RAY_AUTH_MODE=token ourselves does not work once ray is imported: its config is cached.)
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextmanager
+def _quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 @contextmanager
@@ -209,9 +230,61 @@ def check_resources(cfg: CurateConfig, cpus: float, uses_models: bool, uses_vlm:
             "ray.model_actor_cpus or give Ray more CPUs (ray.num_cpus)")
 
 
+class CurationStopped(SystemExit):
+    """SIGTERM or SIGINT during a run: unwinds it (Ray is shut down on the way) and exits with 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+
+
+class _StopOnSignal:
+    """SIGTERM/SIGINT raise :class:`CurationStopped` in the main thread for the length of a run.
+
+    ``ray.init`` installs its own handlers: a Python one and, in the core worker, a C++ failure
+    handler that prints a stack dump for SIGTERM. :meth:`arm` after ``ray.init`` replaces both, so a
+    ``kill``/``scancel``/Ctrl-C ends the run with one line of ours, not a dump.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.active = threading.current_thread() is threading.main_thread()
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if self.active:
+            self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+            self.arm()
+        return self
+
+    def arm(self) -> None:
+        if self.active:
+            for s in self.SIGNALS:
+                signal.signal(s, self._raise)
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise CurationStopped(signum)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
 def run(cfg: CurateConfig, *, address: Optional[str] = None, progress: bool = True,
         echo=print) -> dict:
     """Curate ``cfg.input.path`` into ``cfg.output.path``; returns the stats (also in stats.json)."""
+    with _StopOnSignal() as stop:
+        try:
+            return _run(cfg, address, progress, echo, stop)
+        except CurationStopped as exc:
+            echo(f"curate: stopped by {exc.signal_name}; finished inputs are recorded in "
+                 f"{vio.join(cfg.output.path, '_work')}: rerun the same command to continue")
+            raise
+
+
+def _run(cfg: CurateConfig, address: Optional[str], progress: bool, echo, stop: _StopOnSignal) -> dict:
     t0 = time.time()
     check_latents(cfg)
     options = storage_options(cfg)
@@ -236,6 +309,7 @@ def run(cfg: CurateConfig, *, address: Optional[str] = None, progress: bool = Tr
         echo(f"curate: {len(items)} inputs, {len(done)} already finished, {len(todo)} to process")
         if todo:
             started = _start_ray(cfg, address)
+            stop.arm()
             try:
                 recorded = _run_ray(cfg, todo, options, uses_models, uses_vlm, progress)
             finally:
@@ -285,15 +359,59 @@ def json_compact(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "none"
 
 
+# Ray Data creates its pool actors with max_restarts=-1 (and retries their tasks forever) and always
+# passes the actor constructor its context and transform as object refs (ray.put), however small
+# our own arguments are; for every such actor Ray's core worker prints an error-level line to the
+# driver's stderr ("… has constructor arguments in the object store and max_restarts > 0",
+# ray-project/ray#53727: restarting it may fail). Our actors are not restarted: one that dies (OOM,
+# segfault, lost node) stops the run with Ray's error and the rerun resumes from the completion
+# records; a batch that kills its actor every time cannot loop forever either. Ray Data has no named
+# parameter for this yet (its catch-all remote-args keyword is deprecated, hence the filter).
+_NO_RESTARTS = {"max_restarts": 0}
+
+
+@contextmanager
+def _no_remote_args_deprecation() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines ("execution finished …") and its note that progress bars are off stay
+    in its log file (session logs/ray-data/); the console shows its warnings and errors only."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def _add_actor_stages(ds, cfg, uses_models: bool, uses_vlm: bool):
+    """The actor pools after the video tasks: model filters, VLM captions, latents (those in use)."""
+    import ray
+
+    pools = [(_ModelFilterActor, cfg.ray.model_actors, 0.0)] if uses_models else []
+    if uses_vlm:
+        pools.append((_CaptionActor, cfg.ray.caption_actors, cfg.ray.caption_gpus))
+    if cfg.latents.enabled:
+        pools.append((_LatentActor, cfg.ray.latents_actors, cfg.ray.latents_gpus))
+    for actor, size, gpus in pools:
+        ds = ds.map_batches(actor, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.ray.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=size), num_cpus=cfg.ray.model_actor_cpus,
+                            batch_format="numpy", **({"num_gpus": gpus} if gpus else {}), **_NO_RESTARTS)
+    return ds
+
+
 def _run_ray(cfg, todo, options, uses_models, uses_vlm, progress) -> set[str]:
     """Process ``todo`` on Ray, writing a completion record per input; the ids recorded."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # ours are in Progress
     ctx.verbose_progress = False
     if hasattr(ctx, "print_on_execution_start"):
         ctx.print_on_execution_start = False
+    _quiet_ray_data_console()
     check_resources(cfg, float(ray.cluster_resources().get("CPU", 0)), uses_models, uses_vlm)
 
     def video_stage(row: dict) -> dict:
@@ -307,23 +425,8 @@ def _run_ray(cfg, todo, options, uses_models, uses_vlm, progress) -> set[str]:
     # One input per block (up to 10k blocks): records stream back, and so resume, per input.
     ds = ray.data.from_items([it.to_row() for it in todo], override_num_blocks=min(len(todo), 10_000))
     ds = ds.map(video_stage, num_cpus=cfg.ray.video_task_cpus)
-    if uses_models:
-        ds = ds.map_batches(_ModelFilterActor, fn_constructor_kwargs={"cfg": cfg},
-                            batch_size=cfg.ray.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.ray.model_actors),
-                            num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy")
-    if uses_vlm:
-        gpu = {"num_gpus": cfg.ray.caption_gpus} if cfg.ray.caption_gpus else {}
-        ds = ds.map_batches(_CaptionActor, fn_constructor_kwargs={"cfg": cfg},
-                            batch_size=cfg.ray.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.ray.caption_actors),
-                            num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy", **gpu)
-    if cfg.latents.enabled:
-        gpu = {"num_gpus": cfg.ray.latents_gpus} if cfg.ray.latents_gpus else {}
-        ds = ds.map_batches(_LatentActor, fn_constructor_kwargs={"cfg": cfg},
-                            batch_size=cfg.ray.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.ray.latents_actors),
-                            num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy", **gpu)
+    with _no_remote_args_deprecation():
+        ds = _add_actor_stages(ds, cfg, uses_models, uses_vlm)
     recorded = set()
     with Progress(len(todo), enabled=progress) as prog:
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):

@@ -123,3 +123,51 @@ def test_curation_in_a_terminal_finishes(small_corpus, tmp_path):
     assert code == 0, text[-4000:]
     assert (out / "_SUCCESS").is_file() and list(out.glob("shard-*.tar")), text[-4000:]
     assert "clips in 1 shards" in text
+
+
+# ----------------------------------------------------------------------------- in a log file
+
+RAY_NOISE = ("Token authentication is enabled",             # Ray's note on its own default
+             "constructor arguments in the object store",   # core_worker.cc, once per pool actor
+             "Progress bars disabled",                      # Ray Data, because ours replace its bars
+             "execution finished",                          # Ray Data INFO
+             "ray_remote_args",                             # Ray Data deprecation warning
+             "SIGTERM received", "PC: @")                   # the core worker's C++ stack dump
+
+
+def _log(curated_shards: Path) -> str:
+    return (curated_shards.parent / "curate.log").read_text()
+
+
+def test_curation_log_has_no_ray_noise(curated_shards):
+    text = _log(curated_shards)
+    assert "curate: packing shards" in text
+    found = [n for n in RAY_NOISE if n in text]
+    assert not found, f"Ray noise in the output: {found}\n{text[-4000:]}"
+
+
+def test_sigterm_ends_the_run_with_one_line(small_corpus, tmp_path):
+    """SIGTERM while inputs are processed: Ray shut down, our line, exit code 143, no stack dump."""
+    out = tmp_path / "shards"
+    env = dict(os.environ)
+    env.pop("RAY_AUTH_MODE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.cli", "run", str(CONFIG),
+                             f"input.path={small_corpus / 'manifest.jsonl'}", f"output.path={out}"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, cwd=REPO, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "_work" / "done").glob("*.json")):  # Ray is up and inputs are being recorded
+            assert proc.poll() is None and time.monotonic() < deadline, "no input recorded"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, text[-4000:]
+    assert "curate: stopped by SIGTERM" in text and "rerun the same command" in text, text[-4000:]
+    found = [n for n in RAY_NOISE if n in text]
+    assert not found, f"Ray noise in the output: {found}\n{text[-4000:]}"
+    assert "Traceback" not in text, text[-4000:]
