@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -111,40 +112,104 @@ class _CaptionActor:
 
 
 class Progress:
-    """A rich display: per stage, how many inputs went through and how many clips were kept/rejected."""
+    """Per stage, how many inputs went through and how many clips were kept/rejected so far.
+
+    ``display``: ``"rich"`` — a live display, one bar per stage (for a terminal); ``"plain"`` — one
+    line of text at each tenth of the inputs and at least every ``every`` seconds, with the count,
+    rate and ETA (for logs: Slurm, nohup, a pipe; never wider than one line); ``"off"`` — counting only.
+    """
 
     STAGES = ("probe", "clip", "filter", "caption", "record")
 
-    def __init__(self, total: int, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
-            TimeElapsedColumn
-
-        self.p = RichProgress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("kept {task.fields[kept]:>5}  rejected {task.fields[rejected]:>5}"),
-                              TimeElapsedColumn(), disable=not enabled)
-        self.tasks = {s: self.p.add_task(s, total=total, kept=0, rejected=0) for s in self.STAGES}
+    def __init__(self, total: int, display: str = "off", *, every: float = 30.0, echo=print,
+                 clock=time.monotonic):
+        self.total, self.display, self.every, self.echo, self.clock = total, display, every, echo, clock
+        self.done = 0
         self.kept: Counter = Counter()
         self.rejected: Counter = Counter()
+        self.p = None
+        if display == "rich":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+                TimeElapsedColumn
+
+            self.p = RichProgress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("kept {task.fields[kept]:>5}  rejected {task.fields[rejected]:>5}"),
+                                  TimeElapsedColumn())
+            self.tasks = {s: self.p.add_task(s, total=total, kept=0, rejected=0) for s in self.STAGES}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat: Optional[threading.Thread] = None
+        self.t0 = self._last_line = clock()
+        self._tenths = 0
 
     def __enter__(self):
-        self.p.__enter__()
+        self.t0 = self._last_line = self.clock()
+        if self.p is not None:
+            self.p.__enter__()
+        elif self.display == "plain" and self.every > 0:
+            self._heartbeat = threading.Thread(target=self._beat, name="curate-progress", daemon=True)
+            self._heartbeat.start()
         return self
 
     def __exit__(self, *exc):
-        self.p.__exit__(*exc)
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        if self.p is not None:
+            self.p.__exit__(*exc)
 
     def add(self, res: InputResult) -> None:
         rej = Counter(r["stage"] for r in res.rejections)
-        self.rejected.update({"probe": rej["probe"] + rej["decode"], "clip": rej["clip"],
-                              "filter": rej["filter"], "caption": rej["caption"]})
-        if res.probe is not None and not rej["decode"]:
-            self.kept["probe"] += 1
-        self.kept["clip"] += res.entered.get("filter", 0)
-        self.kept["filter"] += len(res.clips) + rej["caption"]
-        self.kept["caption"] += len(res.clips)
-        self.kept["record"] += len(res.clips)
-        for s, t in self.tasks.items():
-            self.p.update(t, advance=1, kept=self.kept[s], rejected=self.rejected[s])
+        with self._lock:
+            self.done += 1
+            self.rejected.update({"probe": rej["probe"] + rej["decode"], "clip": rej["clip"],
+                                  "filter": rej["filter"], "caption": rej["caption"]})
+            if res.probe is not None and not rej["decode"]:
+                self.kept["probe"] += 1
+            self.kept["clip"] += res.entered.get("filter", 0)
+            self.kept["filter"] += len(res.clips) + rej["caption"]
+            self.kept["caption"] += len(res.clips)
+            self.kept["record"] += len(res.clips)
+            if self.p is not None:
+                for s, t in self.tasks.items():
+                    self.p.update(t, advance=1, kept=self.kept[s], rejected=self.rejected[s])
+            elif self.display == "plain":
+                tenths = self.done * 10 // max(1, self.total)
+                if tenths > self._tenths:
+                    self._tenths = tenths
+                    self._emit()
+
+    def line(self) -> str:
+        """``curate: 4/7 inputs (57%), 0.213 inputs/s, elapsed 0:00:19, ETA 0:00:14 | probe kept 1 rejected 3 | …``"""
+        elapsed = max(1e-9, self.clock() - self.t0)
+        rate = self.done / elapsed
+        eta = _hms((self.total - self.done) / rate) if self.done else "unknown"
+        stages = " | ".join(f"{s} kept {self.kept[s]} rejected {self.rejected[s]}" for s in self.STAGES)
+        return (f"curate: {self.done}/{self.total} inputs ({self.done / max(1, self.total):.0%}), "
+                f"{rate:.3g} inputs/s, elapsed {_hms(elapsed)}, ETA {eta} | {stages}")
+
+    def _emit(self) -> None:  # with self._lock held
+        self._last_line = self.clock()
+        self.echo(self.line())
+
+    def beat(self) -> None:
+        """A line if none came for ``every`` seconds (called by a thread while the run waits)."""
+        with self._lock:
+            if self.clock() - self._last_line >= self.every:
+                self._emit()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(self.every, 5.0)):
+            self.beat()
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)  # a log file (Slurm, nohup) gets each line when it happens
 
 
 # ----------------------------------------------------------------------------- the run
@@ -273,8 +338,11 @@ class _StopOnSignal:
 
 
 def run(cfg: CurateConfig, *, address: Optional[str] = None, progress: bool = True,
-        echo=print) -> dict:
-    """Curate ``cfg.input.path`` into ``cfg.output.path``; returns the stats (also in stats.json)."""
+        echo=_print) -> dict:
+    """Curate ``cfg.input.path`` into ``cfg.output.path``; returns the stats (also in stats.json).
+
+    ``progress``: a live display when stdout is a terminal, plain progress lines through ``echo``
+    otherwise (see :class:`Progress`); False: neither."""
     with _StopOnSignal() as stop:
         try:
             return _run(cfg, address, progress, echo, stop)
@@ -311,7 +379,8 @@ def _run(cfg: CurateConfig, address: Optional[str], progress: bool, echo, stop: 
             started = _start_ray(cfg, address)
             stop.arm()
             try:
-                recorded = _run_ray(cfg, todo, options, uses_models, uses_vlm, progress)
+                display = "off" if not progress else "rich" if sys.stdout.isatty() else "plain"
+                recorded = _run_ray(cfg, todo, options, uses_models, uses_vlm, display, echo)
             finally:
                 if started:
                     import ray
@@ -402,7 +471,7 @@ def _add_actor_stages(ds, cfg, uses_models: bool, uses_vlm: bool):
     return ds
 
 
-def _run_ray(cfg, todo, options, uses_models, uses_vlm, progress) -> set[str]:
+def _run_ray(cfg, todo, options, uses_models, uses_vlm, display: str, echo) -> set[str]:
     """Process ``todo`` on Ray, writing a completion record per input; the ids recorded."""
     import ray
 
@@ -428,7 +497,7 @@ def _run_ray(cfg, todo, options, uses_models, uses_vlm, progress) -> set[str]:
     with _no_remote_args_deprecation():
         ds = _add_actor_stages(ds, cfg, uses_models, uses_vlm)
     recorded = set()
-    with Progress(len(todo), enabled=progress) as prog:
+    with Progress(len(todo), display, every=cfg.ray.progress_every, echo=echo) as prog:
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             for res in _unpack_batch(batch):
                 write_record(cfg.output.path, res, options)

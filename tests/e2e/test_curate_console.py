@@ -139,6 +139,18 @@ def _log(curated_shards: Path) -> str:
     return (curated_shards.parent / "curate.log").read_text()
 
 
+def test_curation_log_has_plain_progress_lines(curated_shards):
+    """Without a terminal (a pipe, as in Slurm or nohup): plain lines with count, rate and ETA."""
+    text = _log(curated_shards)
+    lines = [ln for ln in text.splitlines() if ln.startswith("curate: ") and " inputs (" in ln]
+    assert len(lines) >= 3, text[-3000:]
+    for ln in lines:
+        assert " inputs/s, " in ln and ", ETA " in ln and "| probe kept " in ln and "| record kept " in ln, ln
+    total = lines[-1].split()[1].split("/")[1]
+    assert lines[-1].startswith(f"curate: {total}/{total} inputs (100%)"), lines[-1]
+    assert "\x1b[" not in text and "━" not in text  # no live display, no colour codes
+
+
 def test_curation_log_has_no_ray_noise(curated_shards):
     text = _log(curated_shards)
     assert "curate: packing shards" in text
