@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("config", help="YAML config (see configs/curate/)")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output.path=/data/shards")
     r.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
-    r.add_argument("--no-progress", action="store_true", help="no progress display")
+    r.add_argument("--no-progress", action="store_true", help="no progress display (terminal) or lines (log)")
     p = sub.add_parser("report", help="counts per stage / reason and score histograms of an output")
     p.add_argument("out", help="output folder of a run (local or s3://)")
     p.add_argument("--plots", default=None, help="folder for the histogram PNGs (default OUT/report, "
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline import run
 
             cfg = load_curate_config(args.config, args.overrides)
-            run(cfg, address=args.address, progress=not args.no_progress and sys.stderr.isatty())
+            run(cfg, address=args.address, progress=not args.no_progress)
         elif args.cmd == "report":
             from .report import report
 

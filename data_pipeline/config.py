@@ -58,6 +58,9 @@ class RayConfig:
     latents_actors: int = setting(1, min=1, help="size of the latent-encoder actor pool")
     latents_gpus: float = setting(0.0, min=0.0, help="GPUs per latent-encoder actor (0 = CPU)")
     batch_size: int = setting(4, min=1, help="inputs per batch sent to a model actor")
+    progress_every: float = setting(30.0, min=0.0, help="when stdout is not a terminal (Slurm, nohup, a "
+                                    "pipe): seconds between plain progress lines, besides one at each "
+                                    "tenth of the inputs (0 = only those)")
 
 
 @dataclass

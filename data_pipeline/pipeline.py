@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import signal
+import sys
+import threading
 import time
+import warnings
 from collections import Counter
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from . import io as vio
 from .config import CurateConfig, config_fingerprint, storage_options
@@ -106,40 +112,104 @@ class _CaptionActor:
 
 
 class Progress:
-    """A rich display: per stage, how many inputs went through and how many clips were kept/rejected."""
+    """Per stage, how many inputs went through and how many clips were kept/rejected so far.
+
+    ``display``: ``"rich"`` — a live display, one bar per stage (for a terminal); ``"plain"`` — one
+    line of text at each tenth of the inputs and at least every ``every`` seconds, with the count,
+    rate and ETA (for logs: Slurm, nohup, a pipe; never wider than one line); ``"off"`` — counting only.
+    """
 
     STAGES = ("probe", "clip", "filter", "caption", "record")
 
-    def __init__(self, total: int, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
-            TimeElapsedColumn
-
-        self.p = RichProgress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("kept {task.fields[kept]:>5}  rejected {task.fields[rejected]:>5}"),
-                              TimeElapsedColumn(), disable=not enabled)
-        self.tasks = {s: self.p.add_task(s, total=total, kept=0, rejected=0) for s in self.STAGES}
+    def __init__(self, total: int, display: str = "off", *, every: float = 30.0, echo=print,
+                 clock=time.monotonic):
+        self.total, self.display, self.every, self.echo, self.clock = total, display, every, echo, clock
+        self.done = 0
         self.kept: Counter = Counter()
         self.rejected: Counter = Counter()
+        self.p = None
+        if display == "rich":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+                TimeElapsedColumn
+
+            self.p = RichProgress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("kept {task.fields[kept]:>5}  rejected {task.fields[rejected]:>5}"),
+                                  TimeElapsedColumn())
+            self.tasks = {s: self.p.add_task(s, total=total, kept=0, rejected=0) for s in self.STAGES}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat: Optional[threading.Thread] = None
+        self.t0 = self._last_line = clock()
+        self._tenths = 0
 
     def __enter__(self):
-        self.p.__enter__()
+        self.t0 = self._last_line = self.clock()
+        if self.p is not None:
+            self.p.__enter__()
+        elif self.display == "plain" and self.every > 0:
+            self._heartbeat = threading.Thread(target=self._beat, name="curate-progress", daemon=True)
+            self._heartbeat.start()
         return self
 
     def __exit__(self, *exc):
-        self.p.__exit__(*exc)
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        if self.p is not None:
+            self.p.__exit__(*exc)
 
     def add(self, res: InputResult) -> None:
         rej = Counter(r["stage"] for r in res.rejections)
-        self.rejected.update({"probe": rej["probe"] + rej["decode"], "clip": rej["clip"],
-                              "filter": rej["filter"], "caption": rej["caption"]})
-        if res.probe is not None and not rej["decode"]:
-            self.kept["probe"] += 1
-        self.kept["clip"] += res.entered.get("filter", 0)
-        self.kept["filter"] += len(res.clips) + rej["caption"]
-        self.kept["caption"] += len(res.clips)
-        self.kept["record"] += len(res.clips)
-        for s, t in self.tasks.items():
-            self.p.update(t, advance=1, kept=self.kept[s], rejected=self.rejected[s])
+        with self._lock:
+            self.done += 1
+            self.rejected.update({"probe": rej["probe"] + rej["decode"], "clip": rej["clip"],
+                                  "filter": rej["filter"], "caption": rej["caption"]})
+            if res.probe is not None and not rej["decode"]:
+                self.kept["probe"] += 1
+            self.kept["clip"] += res.entered.get("filter", 0)
+            self.kept["filter"] += len(res.clips) + rej["caption"]
+            self.kept["caption"] += len(res.clips)
+            self.kept["record"] += len(res.clips)
+            if self.p is not None:
+                for s, t in self.tasks.items():
+                    self.p.update(t, advance=1, kept=self.kept[s], rejected=self.rejected[s])
+            elif self.display == "plain":
+                tenths = self.done * 10 // max(1, self.total)
+                if tenths > self._tenths:
+                    self._tenths = tenths
+                    self._emit()
+
+    def line(self) -> str:
+        """``curate: 4/7 inputs (57%), 0.213 inputs/s, elapsed 0:00:19, ETA 0:00:14 | probe kept 1 rejected 3 | …``"""
+        elapsed = max(1e-9, self.clock() - self.t0)
+        rate = self.done / elapsed
+        eta = _hms((self.total - self.done) / rate) if self.done else "unknown"
+        stages = " | ".join(f"{s} kept {self.kept[s]} rejected {self.rejected[s]}" for s in self.STAGES)
+        return (f"curate: {self.done}/{self.total} inputs ({self.done / max(1, self.total):.0%}), "
+                f"{rate:.3g} inputs/s, elapsed {_hms(elapsed)}, ETA {eta} | {stages}")
+
+    def _emit(self) -> None:  # with self._lock held
+        self._last_line = self.clock()
+        self.echo(self.line())
+
+    def beat(self) -> None:
+        """A line if none came for ``every`` seconds (called by a thread while the run waits)."""
+        with self._lock:
+            if self.clock() - self._last_line >= self.every:
+                self._emit()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(self.every, 5.0)):
+            self.beat()
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)  # a log file (Slurm, nohup) gets each line when it happens
 
 
 # ----------------------------------------------------------------------------- the run
@@ -157,8 +227,58 @@ def _start_ray(cfg: CurateConfig, address: Optional[str]) -> bool:
     if addr:
         ray.init(address=addr, **kwargs)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or None, **kwargs)
+        with _stdin_detached(), _quiet_logger(_RAY_AUTH_LOGGER):
+            ray.init(num_cpus=cfg.ray.num_cpus or None, **kwargs)
     return True
+
+
+# A new local cluster turns on token authentication when RAY_AUTH_MODE is unset, and says so with a
+# warning on every start ("Token authentication is enabled … Set RAY_AUTH_MODE=disabled to opt
+# out"). That is the setting we want, so the note is kept off the console while we start one.
+# (Setting RAY_AUTH_MODE=token ourselves does not work once ray is imported: its config is cached.)
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextmanager
+def _quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+@contextmanager
+def _stdin_detached() -> Iterator[None]:
+    """While a local Ray starts, file descriptor 0 is /dev/null, so none of Ray's processes reads the terminal.
+
+    Every process ``ray.init`` starts (GCS, raylet, log monitor …) inherits the driver's fd 0, and the
+    raylet hands it on to every worker it forks. The raylet also puts each worker into a process
+    group of its own (to clean it up as a group), so in a terminal the workers are *background*
+    jobs of the user's session whose stdin is the controlling terminal: the first ``tcsetattr``,
+    ``read`` or other job-controlled call a library makes on it (the ffmpeg CLI's terminal set-up,
+    ``tty.setraw``, ``input()``, curses …) stops the worker with SIGTTOU/SIGTTIN (state ``T``) and
+    the run waits forever. With /dev/null as their stdin, no Ray process holds the terminal at all
+    (their stdout/stderr are Ray's log files). The driver gets its own stdin back afterwards.
+    """
+    saved = None
+    try:
+        saved = os.dup(0)
+    except OSError:  # no stdin at all: /dev/null becomes fd 0 below
+        pass
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        if devnull != 0:
+            os.dup2(devnull, 0)
+        yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 0)
+            os.close(saved)
+        if devnull != 0:
+            os.close(devnull)
 
 
 def check_resources(cfg: CurateConfig, cpus: float, uses_models: bool, uses_vlm: bool) -> None:
@@ -175,9 +295,64 @@ def check_resources(cfg: CurateConfig, cpus: float, uses_models: bool, uses_vlm:
             "ray.model_actor_cpus or give Ray more CPUs (ray.num_cpus)")
 
 
+class CurationStopped(SystemExit):
+    """SIGTERM or SIGINT during a run: unwinds it (Ray is shut down on the way) and exits with 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+
+
+class _StopOnSignal:
+    """SIGTERM/SIGINT raise :class:`CurationStopped` in the main thread for the length of a run.
+
+    ``ray.init`` installs its own handlers: a Python one and, in the core worker, a C++ failure
+    handler that prints a stack dump for SIGTERM. :meth:`arm` after ``ray.init`` replaces both, so a
+    ``kill``/``scancel``/Ctrl-C ends the run with one line of ours, not a dump.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.active = threading.current_thread() is threading.main_thread()
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if self.active:
+            self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+            self.arm()
+        return self
+
+    def arm(self) -> None:
+        if self.active:
+            for s in self.SIGNALS:
+                signal.signal(s, self._raise)
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise CurationStopped(signum)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
 def run(cfg: CurateConfig, *, address: Optional[str] = None, progress: bool = True,
-        echo=print) -> dict:
-    """Curate ``cfg.input.path`` into ``cfg.output.path``; returns the stats (also in stats.json)."""
+        echo=_print) -> dict:
+    """Curate ``cfg.input.path`` into ``cfg.output.path``; returns the stats (also in stats.json).
+
+    ``progress``: a live display when stdout is a terminal, plain progress lines through ``echo``
+    otherwise (see :class:`Progress`); False: neither."""
+    with _StopOnSignal() as stop:
+        try:
+            return _run(cfg, address, progress, echo, stop)
+        except CurationStopped as exc:
+            echo(f"curate: stopped by {exc.signal_name}; finished inputs are recorded in "
+                 f"{vio.join(cfg.output.path, '_work')}: rerun the same command to continue")
+            raise
+
+
+def _run(cfg: CurateConfig, address: Optional[str], progress: bool, echo, stop: _StopOnSignal) -> dict:
     t0 = time.time()
     check_latents(cfg)
     options = storage_options(cfg)
@@ -202,8 +377,10 @@ def run(cfg: CurateConfig, *, address: Optional[str] = None, progress: bool = Tr
         echo(f"curate: {len(items)} inputs, {len(done)} already finished, {len(todo)} to process")
         if todo:
             started = _start_ray(cfg, address)
+            stop.arm()
             try:
-                recorded = _run_ray(cfg, todo, options, uses_models, uses_vlm, progress)
+                display = "off" if not progress else "rich" if sys.stdout.isatty() else "plain"
+                recorded = _run_ray(cfg, todo, options, uses_models, uses_vlm, display, echo)
             finally:
                 if started:
                     import ray
@@ -251,15 +428,59 @@ def json_compact(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "none"
 
 
-def _run_ray(cfg, todo, options, uses_models, uses_vlm, progress) -> set[str]:
+# Ray Data creates its pool actors with max_restarts=-1 (and retries their tasks forever) and always
+# passes the actor constructor its context and transform as object refs (ray.put), however small
+# our own arguments are; for every such actor Ray's core worker prints an error-level line to the
+# driver's stderr ("… has constructor arguments in the object store and max_restarts > 0",
+# ray-project/ray#53727: restarting it may fail). Our actors are not restarted: one that dies (OOM,
+# segfault, lost node) stops the run with Ray's error and the rerun resumes from the completion
+# records; a batch that kills its actor every time cannot loop forever either. Ray Data has no named
+# parameter for this yet (its catch-all remote-args keyword is deprecated, hence the filter).
+_NO_RESTARTS = {"max_restarts": 0}
+
+
+@contextmanager
+def _no_remote_args_deprecation() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines ("execution finished …") and its note that progress bars are off stay
+    in its log file (session logs/ray-data/); the console shows its warnings and errors only."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def _add_actor_stages(ds, cfg, uses_models: bool, uses_vlm: bool):
+    """The actor pools after the video tasks: model filters, VLM captions, latents (those in use)."""
+    import ray
+
+    pools = [(_ModelFilterActor, cfg.ray.model_actors, 0.0)] if uses_models else []
+    if uses_vlm:
+        pools.append((_CaptionActor, cfg.ray.caption_actors, cfg.ray.caption_gpus))
+    if cfg.latents.enabled:
+        pools.append((_LatentActor, cfg.ray.latents_actors, cfg.ray.latents_gpus))
+    for actor, size, gpus in pools:
+        ds = ds.map_batches(actor, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.ray.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=size), num_cpus=cfg.ray.model_actor_cpus,
+                            batch_format="numpy", **({"num_gpus": gpus} if gpus else {}), **_NO_RESTARTS)
+    return ds
+
+
+def _run_ray(cfg, todo, options, uses_models, uses_vlm, display: str, echo) -> set[str]:
     """Process ``todo`` on Ray, writing a completion record per input; the ids recorded."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # ours are in Progress
     ctx.verbose_progress = False
     if hasattr(ctx, "print_on_execution_start"):
         ctx.print_on_execution_start = False
+    _quiet_ray_data_console()
     check_resources(cfg, float(ray.cluster_resources().get("CPU", 0)), uses_models, uses_vlm)
 
     def video_stage(row: dict) -> dict:
@@ -273,25 +494,10 @@ def _run_ray(cfg, todo, options, uses_models, uses_vlm, progress) -> set[str]:
     # One input per block (up to 10k blocks): records stream back, and so resume, per input.
     ds = ray.data.from_items([it.to_row() for it in todo], override_num_blocks=min(len(todo), 10_000))
     ds = ds.map(video_stage, num_cpus=cfg.ray.video_task_cpus)
-    if uses_models:
-        ds = ds.map_batches(_ModelFilterActor, fn_constructor_kwargs={"cfg": cfg},
-                            batch_size=cfg.ray.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.ray.model_actors),
-                            num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy")
-    if uses_vlm:
-        gpu = {"num_gpus": cfg.ray.caption_gpus} if cfg.ray.caption_gpus else {}
-        ds = ds.map_batches(_CaptionActor, fn_constructor_kwargs={"cfg": cfg},
-                            batch_size=cfg.ray.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.ray.caption_actors),
-                            num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy", **gpu)
-    if cfg.latents.enabled:
-        gpu = {"num_gpus": cfg.ray.latents_gpus} if cfg.ray.latents_gpus else {}
-        ds = ds.map_batches(_LatentActor, fn_constructor_kwargs={"cfg": cfg},
-                            batch_size=cfg.ray.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.ray.latents_actors),
-                            num_cpus=cfg.ray.model_actor_cpus, batch_format="numpy", **gpu)
+    with _no_remote_args_deprecation():
+        ds = _add_actor_stages(ds, cfg, uses_models, uses_vlm)
     recorded = set()
-    with Progress(len(todo), enabled=progress) as prog:
+    with Progress(len(todo), display, every=cfg.ray.progress_every, echo=echo) as prog:
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             for res in _unpack_batch(batch):
                 write_record(cfg.output.path, res, options)

@@ -27,11 +27,16 @@ def curated_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("curated_shards")
     write_demo_corpus(str(root / "raw"), n_videos=6, shots_per_video=3, seed=0)
     out = root / "shards"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_DEDUP_LOGS="1")
+    # As a user runs it in a log (no terminal, Ray's defaults): tests/e2e/test_curate_console.py reads
+    # what it printed, stdout and stderr together, from curate.log next to the shards.
+    env = dict(os.environ)
+    env.pop("RAY_AUTH_MODE", None)
     r = subprocess.run([sys.executable, "-m", "data_pipeline.cli", "run", str(REPO / "configs/curate/demo.yaml"),
                         f"input.path={root / 'raw' / 'manifest.jsonl'}", f"output.path={out}",
-                        "output.samples_per_shard=4", "--no-progress"],
-                       capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+                        "output.samples_per_shard=4"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=env,
+                       stdin=subprocess.DEVNULL)
+    (root / "curate.log").write_text(r.stdout)
+    assert r.returncode == 0, r.stdout[-6000:]
     assert len(list(out.glob("*.tar"))) >= 3, sorted(p.name for p in out.iterdir())
     return out

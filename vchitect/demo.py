@@ -167,7 +167,7 @@ def step_train(s: DemoSettings) -> dict:
         shutil.rmtree(run)
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     t0 = time.time()
-    # Rank 0's rich progress bar goes straight to the terminal; the log keeps a copy of the lines.
+    # Rank 0 writes to a pipe: plain metric and progress lines (no rich bar), shown and kept in the log.
     _run([sys.executable, "-m", "vchitect.cli", "launch", "--nproc", "2", "train",
           str(CONFIGS / "train/demo-shards.yaml"), *train_overrides(s)], s.out / "logs" / "train.log", env=env)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]

@@ -441,7 +441,7 @@ def test_progress_counts_kept_and_rejected_per_stage(corpus):
     from data_pipeline.stages.models import Captioner
 
     cfg = _cfg(root)
-    prog = Progress(total=2, enabled=False)
+    prog = Progress(total=2)
     for name in ("defects.mp4", "corrupt_empty.mp4"):
         item = _item(root, name)
         res = process_video(os.path.join(root, "videos", name), item, cfg)
@@ -450,6 +450,36 @@ def test_progress_counts_kept_and_rejected_per_stage(corpus):
     assert prog.rejected["probe"] == 1 and prog.kept["probe"] == 1
     assert prog.rejected["filter"] == 2 and prog.kept["clip"] == 4
     assert prog.kept["caption"] == 2
+
+
+def test_plain_progress_lines_have_count_rate_and_eta():
+    """Without a terminal: a line at each tenth of the inputs and after ``every`` quiet seconds."""
+    from data_pipeline.pipeline import Progress
+    from data_pipeline.stages.clip import InputResult
+
+    now = [0.0]
+    lines: list[str] = []
+    prog = Progress(total=20, display="plain", every=60.0, echo=lines.append, clock=lambda: now[0])
+    for i in range(4):
+        now[0] += 5.0
+        res = InputResult(source_id=f"v{i}", uri=f"v{i}.mp4", probe=None if i == 3 else {})
+        if i == 3:
+            res.reject("probe", Rejected("empty_file", ""))
+        prog.add(res)
+        prog.beat()
+    assert len(lines) == 2  # at 2/20 and 4/20; nothing in between
+    assert lines[-1] == ("curate: 4/20 inputs (20%), 0.2 inputs/s, elapsed 0:00:20, ETA 0:01:20 | "
+                         "probe kept 3 rejected 1 | clip kept 0 rejected 0 | filter kept 0 rejected 0 | "
+                         "caption kept 0 rejected 0 | record kept 0 rejected 0")
+    now[0] += 59.0
+    prog.beat()
+    assert len(lines) == 2
+    now[0] += 2.0  # a long input: after 60 quiet seconds the heartbeat says the run is alive
+    prog.beat()
+    assert len(lines) == 3 and lines[-1].startswith(
+        "curate: 4/20 inputs (20%), 0.0494 inputs/s, elapsed 0:01:21, ETA 0:05:24 |"), lines
+    assert Progress(total=3, display="plain", echo=lines.append).line().endswith("ETA unknown | " + " | ".join(
+        f"{s} kept 0 rejected 0" for s in Progress.STAGES))
 
 
 def test_resource_plan_leaves_a_cpu_for_video_tasks():

@@ -69,7 +69,8 @@ class TrainConfig:
     max_nonfinite_steps: int = setting(10, min=1, help="abort after this many consecutive non-finite losses")
     tensorboard: bool = setting(True, help="write TensorBoard events to output_dir/tb")
     wandb: WandbConfig = setting(default_factory=WandbConfig, help="Weights & Biases logging")
-    progress: bool = setting(True, help="rich progress bar on rank 0")
+    progress: bool = setting(True, help="rank 0: a rich progress bar on a terminal, plain progress lines "
+                             "(step/total, rate, ETA) when stdout is not one")
     validation: ValidationConfig = setting(default_factory=ValidationConfig, help="periodic sampling")
     device: str = setting("auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     simulate_crash: str = setting("", help="fault injection for resume tests: 'after_save:N' kills every rank "

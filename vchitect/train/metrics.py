@@ -2,7 +2,9 @@
 
 Only rank 0 writes. wandb is an optional extra (``vchitect[wandb]``), imported only when a run enables
 it; it runs offline unless ``WANDB_API_KEY`` is set (or mode is online); any wandb failure disables
-it with one warning instead of stopping the run.
+it with one warning instead of stopping the run. On a terminal, rank 0 shows a rich progress bar;
+in a log (Slurm, nohup, a pipe, wandb's output.log) it prints plain progress lines instead, and
+metric lines are never wrapped (:class:`TrainProgress`).
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import time
+from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -168,3 +173,74 @@ def format_line(step: int, m: dict) -> str:
                      "peak_mem_gib": "mem GiB", "data_wait": "data wait"}.get(key, key)
             parts.append(f"{label} {fmt.format(m[key])}")
     return " | ".join(parts)
+
+
+def _plain_print(line: str) -> None:
+    print(line, flush=True)  # a log file gets each line when it happens
+
+
+class TrainProgress:
+    """Rank 0's progress. ``terminal``: a rich bar (step/total, loss, time left), metric lines printed
+    above it (soft-wrapped by the terminal, not broken by rich). Otherwise no live display and no
+    rich at all: metric lines go out as they are, one line each however long, and a plain line
+    ``train: step 40/100 (40%), 2.31 steps/s, elapsed 0:00:17, ETA 0:00:26`` follows the first
+    logged step, then at most one every ``every`` seconds, and the last step.
+    """
+
+    def __init__(self, total: int, step: int = 0, *, terminal: Optional[bool] = None, bar: bool = True,
+                 every: float = 30.0, console=None, echo: Callable[[str], None] = _plain_print,
+                 clock=time.monotonic):
+        self.total, self.start_step, self.every, self.echo, self.clock = total, step, every, echo, clock
+        self.terminal = sys.stdout.isatty() if terminal is None else terminal
+        self.bar = bar
+        self.console = console
+        self.rich = None
+        self.t0 = clock()
+        self._last_line: Optional[float] = None
+        if self.terminal and bar:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.console = console or Console()
+            self.rich = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
+                                 console=self.console, transient=False)
+            self._task = self.rich.add_task("train", total=total, completed=step, loss=float("nan"))
+
+    def start(self, step: int) -> None:
+        """The loop starts at ``step`` (after a resume: rate and ETA are this run's)."""
+        self.start_step, self.t0 = step, self.clock()
+        if self.rich is not None:
+            self.rich.update(self._task, completed=step)
+            self.rich.start()
+
+    def stop(self) -> None:
+        if self.rich is not None:
+            self.rich.stop()
+
+    def print_metrics(self, line: str) -> None:
+        """One metric line: above the bar on a terminal, as it is in a log."""
+        if self.rich is not None:
+            self.console.print(line, soft_wrap=True)
+        else:
+            self.echo(line)
+
+    def update(self, step: int, loss: float) -> None:
+        if self.rich is not None:
+            self.rich.update(self._task, completed=step, loss=loss)
+
+    def logged(self, step: int) -> None:
+        """After the metric line of ``step``: the plain progress line, when one is due."""
+        if self.terminal or not self.bar:
+            return
+        now = self.clock()
+        if self._last_line is None or now - self._last_line >= self.every or step >= self.total:
+            self._last_line = now
+            self.echo(self.line(step))
+
+    def line(self, step: int) -> str:
+        elapsed = max(1e-9, self.clock() - self.t0)
+        rate = (step - self.start_step) / elapsed
+        eta = str(timedelta(seconds=round((self.total - step) / rate))) if rate > 0 else "unknown"
+        return (f"train: step {step}/{self.total} ({step / max(1, self.total):.0%}), {rate:.3g} steps/s, "
+                f"elapsed {timedelta(seconds=round(elapsed))}, ETA {eta}")

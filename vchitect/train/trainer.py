@@ -22,7 +22,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from rich.console import Console
 
 from launch.local import free_port
 from vchitect.config import Config, ConfigError, to_dict, to_yaml
@@ -34,7 +33,7 @@ from vchitect.parallel import clip_grad_norm_, generator_for_rank, manual_seed, 
 from .checkpoint import CheckpointError, Checkpointer, read_meta, rng_state, set_rng_state
 from .safe_dcp import UnsafeCheckpointError, read_metadata
 from .ema import EMA
-from .metrics import MetricWriter, device_peak_flops, peak_memory_gib
+from .metrics import MetricWriter, TrainProgress, device_peak_flops, peak_memory_gib
 from .optim import apply_trainable, build_optimizer, build_scheduler
 from .preflight import init_from_error, preflight
 from .signals import EXIT_PREEMPTED, PreemptionFlag
@@ -80,7 +79,6 @@ class Trainer:
                        else torch.device("cpu"))
         logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        self.console = Console()
         self.out = Path(tc.output_dir)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -116,8 +114,10 @@ class Trainer:
                                          async_save=tc.async_checkpoint and self.device_type == "cuda",
                                          simulate_crash=tc.simulate_crash, checksums=tc.checkpoint_checksums)
         self.step = 0
+        # rank 0: a bar on a terminal, plain progress lines in a log; metric lines never wrapped
+        self.progress = TrainProgress(tc.steps, bar=tc.progress and self.rank == 0)
         self.writer = MetricWriter(self.out, self.rank == 0, tc.tensorboard, tc.wandb.mode, tc.wandb.project,
-                                   to_dict(cfg), printer=self.console.print if tc.progress else print)
+                                   to_dict(cfg), printer=self.progress.print_metrics)
         self.peak_flops = device_peak_flops(tc.peak_flops, self.device_type)
         self.preemption = PreemptionFlag()
         self.nonfinite_total = 0
@@ -284,7 +284,8 @@ class Trainer:
     def run(self) -> int:
         tc = self.cfg.train
         data = iter(self.loader)
-        progress = self._progress()
+        progress = self.progress
+        progress.start(self.step)
         window = {"time": 0.0, "wait": 0.0, "flops": 0.0, "samples": 0, "tokens": 0, "steps": 0}
         exit_code = 0
         try:
@@ -303,10 +304,10 @@ class Trainer:
                 window["samples"] += out["samples"]
                 window["tokens"] += out["tokens"]
                 window["steps"] += 1
-                if progress is not None:
-                    progress.update(self._task, completed=self.step, loss=out["loss"])
+                progress.update(self.step, out["loss"])
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     self._log(out, window)
+                    progress.logged(self.step)
                     window = dict.fromkeys(window, 0.0)
                 if tc.validation.every and self.step % tc.validation.every == 0:
                     self._validate()
@@ -322,8 +323,7 @@ class Trainer:
                     break
             self.checkpointer.wait()
         finally:
-            if progress is not None:
-                progress.stop()
+            progress.stop()
             self.writer.close()
         return exit_code
 
@@ -340,18 +340,6 @@ class Trainer:
             metrics["mfu"] = achieved / self.peak_flops
         metrics.update(self.loader.metrics())
         self.writer.log(self.step, metrics)
-
-    def _progress(self):
-        if self.rank != 0 or not self.cfg.train.progress:
-            return None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=self.console,
-                            transient=False)
-        self._task = progress.add_task("train", total=self.cfg.train.steps, completed=self.step, loss=float("nan"))
-        progress.start()
-        return progress
 
     def _validate(self) -> None:
         from .validation import run_validation
