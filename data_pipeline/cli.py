@@ -37,7 +37,8 @@ def cmd_config(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `vchitect-curate` argument parser (also used to check the commands the docs show)."""
     ap = argparse.ArgumentParser(prog="vchitect-curate", description="Curate raw videos into WebDataset "
                                  "shards, report on an output, generate a synthetic corpus (docs/curation.md).")
     ap.add_argument("--version", action=VersionAction)
@@ -64,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     c_show.add_argument("config", help="YAML config (see configs/curate/)")
     c_show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. clip.max_duration=5")
     config_sub.add_parser("describe", help="print every config key with type, default and meaning (Markdown)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from vchitect.config_base import ConfigError
 

@@ -27,7 +27,7 @@ def reference(tmp_path_factory):
 def test_reference_run_prints_a_banner_and_one_line_per_checkpoint(reference):
     out = (reference.parent / "output.txt").read_text()
     assert out.count("vchitect train\n") == 1  # rank 0 only
-    for line in ("world size  2 × cpu (gloo)", "layout      layout dp_replicate=1 dp_shard=2",
+    for line in ("world size  2 × cpu (gloo)", "layout      dp_replicate=1 dp_shard=2",
                  f"output      {reference.resolve()}", "steps       0 → 12; fresh start"):
         assert line in out, line
     assert "trainable)" in out.split("parameters", 1)[1].splitlines()[0]

@@ -133,7 +133,7 @@ class Trainer:
         start = (f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from is not None
                  else "fresh start (no checkpoint to resume)")
         rows = [("world size", f"{dist.get_world_size()} × {self.device_type} ({dist.get_backend()})"),
-                ("layout", self.dims.describe()),
+                ("layout", self.dims.describe().removeprefix("layout ")),
                 ("parameters", f"{_count(self.n_params)} ({_count(self.n_trainable)} trainable)"),
                 ("output", str(self.out.resolve())),
                 ("steps", f"{self.step} → {tc.steps}; {start}")]
