@@ -156,13 +156,30 @@ def set_parent_death_signal(sig: int) -> bool:
 def watch_launcher(grace_s: float = ORPHAN_GRACE_S, poll_s: float = 0.5) -> bool:
     """In a rank started by :func:`launch`: stop when the launcher dies (see the module docstring).
     Does nothing (False) in a process that :func:`launch` did not start."""
+    global _launcher_pid
     launcher = os.environ.pop(LAUNCHER_PID_ENV, None)  # popped: the rank's own children do not watch
     if launcher is None:
         return False
+    _launcher_pid = int(launcher)
     set_parent_death_signal(signal.SIGTERM)
     threading.Thread(target=_orphan_watchdog, args=(int(launcher), grace_s, poll_s), daemon=True,
                      name="vchitect-launcher-watchdog").start()
     return True
+
+
+_launcher_pid: int | None = None  # set by watch_launcher in a rank of launch()
+
+
+def release_orphaned_folder() -> None:
+    """In a rank whose launcher is gone: remove the user-error folder the launcher would have removed
+    (empty unless a rank had reported an error). Called by the watchdog and when the rank exits —
+    the parent-death SIGTERM can stop the rank before the watchdog's next poll."""
+    if _launcher_pid is None or os.getppid() == _launcher_pid:
+        return
+    folder = os.environ.pop(USER_ERRORS_ENV, None)
+    if folder:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def _orphan_watchdog(launcher: int, grace_s: float, poll_s: float) -> None:
@@ -172,10 +189,7 @@ def _orphan_watchdog(launcher: int, grace_s: float, poll_s: float) -> None:
         print(f"[launch] the launcher (pid {launcher}) is gone; stopping this rank", file=sys.stderr, flush=True)
     except (OSError, ValueError):  # stderr may have gone with the launcher (a closed pipe)
         pass
-    folder = os.environ.pop(USER_ERRORS_ENV, None)
-    if folder:  # the launcher would have removed it; empty unless a rank had reported an error
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
+    release_orphaned_folder()
     os.kill(os.getpid(), signal.SIGTERM)  # as if forwarded: finish the step, checkpoint, exit 75
     time.sleep(grace_s)
     os.kill(os.getpid(), signal.SIGKILL)

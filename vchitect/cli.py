@@ -143,6 +143,9 @@ def leave_if_rank(code: int) -> None:
         return
     import logging
 
+    from launch.local import release_orphaned_folder
+
+    release_orphaned_folder()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
