@@ -10,7 +10,7 @@ warm-up and cosine decay, EMA 0.99. At every ``--eval-every`` steps it samples e
 × direction prompt with the Euler sampler and classifier-free guidance, and scores them with the
 demo's probe (`vchitect/eval/probe.py`), separately on training and held-out combinations.
 
-    # the demo's recipe (configs/*/demo.yaml, shape radius of vchitect.demo_corpus)
+    # the demo's recipe (configs/*/demo.yaml, shape radius of vchitect.demo.corpus)
     python benchmarks/demo_ablation.py --frame-pos-embed sincos --shift 3 --batch 8 --steps 1800 --eval-every 300
     ... --captions from          # the old captions ("moves from left to right")
     ... --radius 0.22 --seed 1   # smaller shapes, another seed
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_pipeline.synthetic import (BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, caption_for, draw_shape,  # noqa: E402
                                      with_article)
 from vchitect.demo import text_encoder_path  # noqa: E402
-from vchitect.demo_corpus import HELD_OUT, OFFSETS, RADIUS, SHOT_LENGTHS, position, training_combos  # noqa: E402
+from vchitect.demo.corpus import HELD_OUT, OFFSETS, RADIUS, SHOT_LENGTHS, position, training_combos  # noqa: E402
 from vchitect.diffusion.sampling import TextCondition, flow_sigmas, sample  # noqa: E402
 from vchitect.eval.probe import probe_video, score  # noqa: E402
 from vchitect.models.encoders import load_text_encoder  # noqa: E402

@@ -29,9 +29,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from tests.helpers_data import make_clip, sample, write_shard  # noqa: E402  (run from a checkout)
 from vchitect.config import from_dict  # noqa: E402
 from vchitect.data import DataConfig, ShardLoader  # noqa: E402
-from vchitect.data.testing import make_clip, sample, write_shard  # noqa: E402
 
 # name: (source w, h, bucket h, w, frames, target fps)
 SHAPES = {

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def curated_shards(tmp_path_factory) -> Path:
     """WebDataset shards curated from 6 clean 3-shot demo videos (plus the planted defects)."""
-    from vchitect.demo_corpus import write_demo_corpus
+    from vchitect.demo.corpus import write_demo_corpus
 
     root = tmp_path_factory.mktemp("curated_shards")
     write_demo_corpus(str(root / "raw"), n_videos=6, shots_per_video=3, seed=0)

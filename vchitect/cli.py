@@ -183,7 +183,7 @@ def cmd_submit(args) -> int:
 
 def cmd_demo(args) -> int:
     if args.smoke:
-        from .smoke import run_smoke
+        from .demo.smoke import run_smoke
 
         return run_smoke(args.config, args.overrides)
     from .demo import DemoSettings, run_demo

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from vchitect.config import from_dict
 from vchitect.data import DataConfig, ShardLoader, vae_encode_split
 from vchitect.data.encode import pixels_to_unit
-from vchitect.data.testing import make_clip, sample, write_shard
+from tests.helpers_data import make_clip, sample, write_shard
 
 WORLD, SP, STEPS = 4, 2, 3
 

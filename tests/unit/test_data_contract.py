@@ -6,7 +6,7 @@ import json
 
 from vchitect.config import from_dict
 from vchitect.data import DataConfig, build_loader
-from vchitect.data.testing import make_clip
+from tests.helpers_data import make_clip
 
 
 def test_loader_reads_curation_writer_shards(tmp_path):

@@ -14,7 +14,7 @@ from vchitect.config import ConfigError, from_dict, load_config
 from vchitect.data import DataConfig, ShardLoader, build_loader
 from vchitect.data.buckets import Bucket, batch_size, choose_bucket, latent_shape
 from vchitect.data.stream import stream_units
-from vchitect.data.testing import make_clip, npy, sample, write_shard
+from tests.helpers_data import make_clip, npy, sample, write_shard
 
 LAND, PORT = (72, 48), (48, 72)  # (width, height) of the test clips
 BUCKETS = [{"height": 32, "width": 48, "frames": 5}, {"height": 48, "width": 32, "frames": 5},

@@ -10,7 +10,7 @@ import torch
 
 from vchitect.config import from_dict
 from vchitect.data import DataConfig, build_loader
-from vchitect.data.testing import make_clip, sample, write_shard
+from tests.helpers_data import make_clip, sample, write_shard
 
 
 @pytest.fixture()

@@ -1,7 +1,7 @@
 """The demo's closing table says what its numbers are."""
 from rich.console import Console
 
-from vchitect.demo import LOSS_WINDOW, summary_table
+from vchitect.demo.run import LOSS_WINDOW, summary_table
 
 
 def _summary() -> dict:

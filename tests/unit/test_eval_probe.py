@@ -31,7 +31,7 @@ def test_probe_is_right_on_every_generator_clip(size):
 
 
 def test_probe_on_the_demo_corpus_shots():
-    from vchitect.demo_corpus import render_demo_shot
+    from vchitect.demo.corpus import render_demo_shot
 
     for color, direction, shape in itertools.product(COLORS, DIRECTIONS, SHAPES):
         shot = Shot(color, shape, direction, BACKGROUNDS[hash(color + direction) % len(BACKGROUNDS)], 2.0)
@@ -65,7 +65,7 @@ def test_score_splits_held_out_combinations():
 
 
 def test_captions_use_an_before_vowels_and_the_probe_reads_both_articles():
-    from vchitect.demo import _slug, showcase_prompts
+    from vchitect.demo.run import _slug, showcase_prompts
 
     assert caption_for("orange", "square", "left to right") == "an orange square moves right"
     assert caption_for("red", "square", "left to right") == "a red square moves right"

@@ -65,7 +65,7 @@ def evaluate_folder(folder: str | Path, subject: str | None = None, background: 
     if prompts:
         if held_out is None:
             try:
-                from vchitect.demo_corpus import HELD_OUT as held_out
+                from vchitect.demo.corpus import HELD_OUT as held_out
             except ImportError:  # pragma: no cover - the demo module is part of the package
                 held_out = ()
         stems = list(prompts)

@@ -1,6 +1,6 @@
 """``vchitect demo``: the whole pipeline on one CPU machine, and a check that the model learns.
 
-    1 corpus   synthetic multi-shot videos with captions and planted defects (demo_corpus.py)
+    1 corpus   synthetic multi-shot videos with captions and planted defects (corpus.py)
     2 curate   `vchitect-curate run configs/curate/demo.yaml` (Ray Data) → WebDataset shards
     3 train    `vchitect launch --nproc 2 train configs/train/demo-shards.yaml` on the shards (FSDP over 2 ranks),
                a frozen MiniLM sentence-transformer as text encoder, pixel space (no VAE)
@@ -30,7 +30,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .resources import checkout, resource_dir
+from ..resources import checkout, resource_dir
 
 CONFIGS = resource_dir("configs")  # the checkout's configs/, or the wheel's copy
 LOSS_WINDOW = 5  # logged steps averaged for the summary's first and last loss
@@ -104,7 +104,7 @@ def showcase_prompts() -> list[str]:
     """One prompt per colour × direction (training combinations first, then held-out ones)."""
     from data_pipeline.synthetic import COLORS, DIRECTIONS, SHAPES, caption_for
 
-    from .demo_corpus import HELD_OUT
+    from .corpus import HELD_OUT
 
     combos = [(c, d) for c in COLORS for d in DIRECTIONS]
     train = [(c, d) for c, d in combos if (c, d) not in HELD_OUT]
@@ -121,7 +121,7 @@ def eval_prompts() -> list[str]:
 
 # ------------------------------------------------------------------ steps
 def step_corpus(s: DemoSettings) -> dict:
-    from .demo_corpus import write_demo_corpus
+    from .corpus import write_demo_corpus
 
     raw = s.out / "raw"
     if raw.exists():
@@ -211,7 +211,7 @@ def _sample_shape(s: DemoSettings) -> tuple[int, int]:
 def step_sample(s: DemoSettings) -> dict:
     import torch
 
-    from .export.export import pipeline_from_checkpoint
+    from ..export.export import pipeline_from_checkpoint
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     frames, size = _sample_shape(s)
@@ -219,8 +219,8 @@ def step_sample(s: DemoSettings) -> dict:
     show = showcase_prompts()
     evalp = eval_prompts()
     if s.quick:  # two training and two held-out combinations
-        from .demo_corpus import HELD_OUT
-        from .eval.probe import parse_prompt
+        from .corpus import HELD_OUT
+        from ..eval.probe import parse_prompt
 
         held = [p for p in evalp if tuple(parse_prompt(p)[k] for k in ("color", "direction")) in HELD_OUT]
         show, evalp = show[:2] + show[-1:], evalp[:2] + held[:2]
@@ -232,7 +232,7 @@ def step_sample(s: DemoSettings) -> dict:
 
 
 def step_export(s: DemoSettings, showcase: tuple[list[str], np.ndarray], frames: int, size: int) -> dict:
-    from .export.export import export
+    from ..export.export import export
 
     exp = s.out / "export"
     if exp.exists():
@@ -247,7 +247,7 @@ def step_export(s: DemoSettings, showcase: tuple[list[str], np.ndarray], frames:
          s.out / "logs" / "export_sample.log")
     fresh = np.load(npz)["videos"]
     diff = int(np.abs(fresh.astype(np.int16) - videos.astype(np.int16)).max())
-    from .export.cli import write_video
+    from ..export.cli import write_video
 
     for i, (p, v) in enumerate(zip(prompts, fresh)):
         write_video(v.astype(np.float32) / 255, s.out / "export_samples" / f"{i:02d}_{_slug(p)}.gif")
@@ -275,7 +275,7 @@ def _sample_export_main(export_dir: str, spec_path: str, out_npz: str) -> int:
 
 # ------------------------------------------------------------------ outputs
 def write_samples(folder: Path, prompts: list[str], videos: np.ndarray, fps: float = 4.0) -> list[Path]:
-    from .export.cli import write_video
+    from ..export.cli import write_video
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -332,9 +332,9 @@ def loss_curve(path: Path, records: list[dict]) -> Path:
 
 
 def evaluate(prompts: list[str], videos: np.ndarray) -> dict:
-    from .demo_corpus import HELD_OUT
-    from .eval.metrics import video_metrics
-    from .eval.probe import probe_video, score
+    from .corpus import HELD_OUT
+    from ..eval.metrics import video_metrics
+    from ..eval.probe import probe_video, score
 
     results = [probe_video(v) for v in videos]
     acc = score(prompts, results, held_out=HELD_OUT)

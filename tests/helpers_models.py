@@ -144,7 +144,7 @@ def write_bad_inputs(folder: str, good_video: str | None = None) -> dict[str, st
     expected["huge 10000x10000.mp4"] = "frame_too_large"
 
     # Zero duration: a one-frame H.264 mp4 whose movie, track and media headers declare 0.
-    from .video import encode_frames
+    from data_pipeline.video import encode_frames
 
     data = bytearray(encode_frames([np.zeros((64, 64, 3), np.uint8)], 12))
     for tag, offset in ((b"mvhd", 16), (b"mdhd", 16), (b"tkhd", 20)):

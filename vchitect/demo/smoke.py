@@ -1,7 +1,7 @@
 """Smoke run of the demo model: one rectified-flow forward and backward pass on random data.
 
-This is what `make demo` runs until the full demo (curation → training → sampling → export)
-exists. It proves the install works and prints the loss and the time taken.
+`vchitect demo --smoke`: a quick check that the install works without the full demo (curation →
+training → sampling → export); it prints the loss and the time taken.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
-from .resources import resource_dir
+from ..config import load_config
+from ..resources import resource_dir
 
 
 
 def run_smoke(config: str | None = None, overrides: list[str] | None = None, batch: int = 2, frames: int = 8,
               text_len: int = 12, seed: int = 0) -> int:
-    from .models import VchitectTransformer3DModel
+    from ..models import VchitectTransformer3DModel
 
     cfg = load_config(config or resource_dir("configs") / "model" / "demo.yaml", overrides)
     torch.manual_seed(seed)
