@@ -46,6 +46,7 @@ from . import safe_dcp
 
 log = logging.getLogger("vchitect.train")
 STEP_DIR = re.compile(r"^step-(\d{9})$")
+STEP_FOLDER = re.compile(r"^step-\d{9}(\.tmp)?$")  # a checkpoint, or a save that did not finish
 META_NAME = "vchitect.json"
 MANIFEST_VERSION = 1
 _CHUNK = 8 << 20
@@ -70,7 +71,7 @@ def step_folders(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and re.match(r"^step-\d{9}(\.tmp)?$", p.name)]
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_FOLDER.match(p.name)]
     return sorted(found, key=lambda p: (p.name[:14], p.name))
 
 
@@ -91,11 +92,6 @@ def read_meta(path: Path) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{Path(path) / META_NAME} is not a JSON object")
     return meta
-
-
-def saved_keys(path: Path) -> set[str]:
-    """Top-level keys present in a DCP checkpoint (flattened names are cut at the first dot)."""
-    return {k.split(".", 1)[0] for k in safe_dcp.read_metadata(path).state_dict_metadata}
 
 
 # ---------------------------------------------------------------------------- manifest and verification
@@ -187,9 +183,10 @@ def verify(path: Path, checksum: bool = True, part: tuple[int, int] = (0, 1)) ->
         names = sorted(manifest["files"])
         if ".metadata" not in names:
             return f"{path / META_NAME}: the manifest does not list .metadata"
-        sizes_only = [n for n in names if n not in names[part[0]::part[1]]]
+        hashed = names[part[0]::part[1]]
+        sizes_only = sorted(set(names) - set(hashed))
         reason = (_verify_files(path, manifest, sizes_only, checksum=False)
-                  or _verify_files(path, manifest, names[part[0]::part[1]], checksum))
+                  or _verify_files(path, manifest, hashed, checksum))
         if reason:
             return reason
     return _verify_structure(path)
@@ -327,9 +324,11 @@ class Checkpointer:
         self._barrier()
         self.crash_if("after_save", meta["step"])
 
-    def load(self, path: Path, state: dict) -> dict:
-        """Fill ``state`` in place from ``path`` (only the keys the checkpoint has) and return it."""
-        present = set(safe_dcp.read_metadata(path).state_dict_metadata)
+    def load(self, path: Path, state: dict, present: Optional[set[str]] = None) -> dict:
+        """Fill ``state`` in place from ``path`` (only the keys the checkpoint has) and return it.
+        ``present``: the checkpoint's flattened keys, when the caller has read them already."""
+        if present is None:
+            present = set(safe_dcp.read_metadata(path).state_dict_metadata)
         tops = {k.split(".", 1)[0] for k in present}
         wanted = {k: v for k, v in state.items()
                   if (k in present if isinstance(v, (str, int, float)) else k in tops)}

@@ -204,7 +204,7 @@ class Trainer:
         # the loader state of a DP rank the saving run did not have: take rank 0's (restarts its epoch)
         loader_key = own_loader_key if own_loader_key in present else "dataloader_dp0"
         state[loader_key] = state.pop(own_loader_key)
-        state = self.checkpointer.load(path, state)
+        state = self.checkpointer.load(path, state, present)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         self.scheduler.load_state_dict(state["lr_scheduler"])
