@@ -14,7 +14,9 @@ and scaled for the diffusion model. Image VAEs (``AutoencoderKL``) run per frame
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
@@ -36,6 +38,35 @@ def _folder(path: str | Path, sub: str) -> Path:
     return p
 
 
+def folder_identity(folder: str | Path) -> dict:
+    """``{"name", "revision"}`` of a local model folder, cheap enough for a 10 GB T5-XXL.
+
+    name: ``_name_or_path`` of its config.json when it names a hub model, else the folder name
+    (``parent/sub`` for a pipeline's subfolder). revision: the Hugging Face snapshot hash when the
+    folder lies in a hub cache (``…/snapshots/<40 hex>/…``), else a SHA-256 (first 16 hex digits) of
+    config.json and, per weight file, its name, size and first and last MiB. Two folders holding the
+    same weights get the same revision wherever they were copied to."""
+    p = Path(folder).resolve()
+    cfg_file = p / "config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    hub_name = str(cfg.get("_name_or_path") or "")
+    name = hub_name if hub_name.count("/") == 1 and not Path(hub_name).is_absolute() else \
+        (f"{p.parent.name}/{p.name}" if p.name.startswith(("text_encoder", "vae", "tokenizer")) else p.name)
+    snapshot = re.search(r"/snapshots/([0-9a-f]{40})(/|$)", str(p))
+    if snapshot:
+        return {"name": name, "revision": snapshot.group(1)}
+    h = hashlib.sha256(cfg_file.read_bytes() if cfg_file.is_file() else b"")
+    for f in sorted(p.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return {"name": name, "revision": h.hexdigest()[:16]}
+
+
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # B×L×D, B×L → B×D
     m = mask.to(hidden.dtype)[..., None]
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
@@ -54,7 +85,15 @@ class TextEncoder(nn.Module):
         self.model, self.tokenizer, self.kind, self.max_length = model, tokenizer, kind, max_length
         self.pooled_model, self.pooled_tokenizer = pooled_model, pooled_tokenizer
         self.cache_size = cache_size
+        self.folders: list[Path] = []  # set by load_text_encoder: the model folder(s), for describe()
         self._cache: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]" = OrderedDict()
+
+    def describe(self) -> dict:
+        """What a precomputed text embedding depends on: kind, token count and the identity of every
+        model folder (:func:`folder_identity`). Curation records it in each sample's json; training
+        refuses shards whose record differs from its own encoder's."""
+        return {"kind": self.kind, "max_length": self.max_length,
+                "encoders": [folder_identity(f) for f in self.folders]}
 
     def _tokens(self, tokenizer, prompts: list[str], max_length: int):
         t = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
@@ -119,7 +158,9 @@ def load_text_encoder(path: str | Path, kind: str = "t5", max_length: int = 77,
         pooled_model = transformers.CLIPTextModelWithProjection.from_pretrained(
             pp, **dt).to(device).eval().requires_grad_(False)
         pooled_tok = transformers.AutoTokenizer.from_pretrained(pp)
-    return TextEncoder(model, tok, kind, max_length, pooled_model, pooled_tok, cache_size)
+    enc = TextEncoder(model, tok, kind, max_length, pooled_model, pooled_tok, cache_size)
+    enc.folders = [p] + ([_folder(pooled_path, "text_encoder")] if pooled_path is not None else [])
+    return enc
 
 
 class VAEEncoder(nn.Module):
@@ -134,6 +175,15 @@ class VAEEncoder(nn.Module):
             else None
         self.scaling = float(cfg.get("scaling_factor", 1.0) or 1.0)
         self.shift = float(cfg.get("shift_factor", 0.0) or 0.0)
+        self.folder: Optional[Path] = None  # set by load_vae, for describe()
+
+    def describe(self) -> dict:
+        """The VAE a precomputed latent depends on: class, identity of its folder, scaling."""
+        d = {"class": type(self.vae).__name__, "scaling_factor": self.scaling, "shift_factor": self.shift,
+             "per_frame": not self.is_video}
+        if self.folder is not None:
+            d.update(folder_identity(self.folder))
+        return d
 
     def _latent(self, x: torch.Tensor, generator=None) -> torch.Tensor:
         dist = self.vae.encode(x).latent_dist
@@ -168,4 +218,6 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: str = 
         raise ValueError(f"{p}/config.json names VAE class {name!r}, which this diffusers "
                          f"({diffusers.__version__}) does not have; upgrade diffusers")
     vae = cls.from_pretrained(p, torch_dtype=DTYPES[dtype]).to(device).eval().requires_grad_(False)
-    return VAEEncoder(vae, sample_posterior)
+    enc = VAEEncoder(vae, sample_posterior)
+    enc.folder = p
+    return enc
