@@ -134,6 +134,17 @@ class TextEncoder(nn.Module):
         return hidden, mask.bool(), pooled
 
 
+def text_encoder_folders(path: str | Path, kind: str = "t5",
+                         pooled_path: Optional[str | Path] = None) -> list[Path]:
+    """The model folders :func:`load_text_encoder` reads for this (path, kind, pooled_path), in
+    :meth:`TextEncoder.describe` order; reads nothing but directory listings, so training can name
+    its encoders' identity without loading them (the precomputed-shard check)."""
+    folders = [_folder(path, "text_encoder")]
+    if pooled_path is not None:
+        folders.append(_folder(pooled_path, "text_encoder"))
+    return folders
+
+
 def load_text_encoder(path: str | Path, kind: str = "t5", max_length: int = 77,
                       device: str | torch.device = "cpu", dtype: str = "float32",
                       pooled_path: Optional[str | Path] = None, cache_size: int = 0) -> TextEncoder:
@@ -159,7 +170,7 @@ def load_text_encoder(path: str | Path, kind: str = "t5", max_length: int = 77,
             pp, **dt).to(device).eval().requires_grad_(False)
         pooled_tok = transformers.AutoTokenizer.from_pretrained(pp)
     enc = TextEncoder(model, tok, kind, max_length, pooled_model, pooled_tok, cache_size)
-    enc.folders = [p] + ([_folder(pooled_path, "text_encoder")] if pooled_path is not None else [])
+    enc.folders = text_encoder_folders(path, kind, pooled_path)
     return enc
 
 
