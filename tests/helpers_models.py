@@ -179,3 +179,86 @@ def save_tiny_latent_models(folder: str, seed: int = 0) -> tuple[str, str]:
                                  bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)).save_pretrained(text_path)
     tok.save_pretrained(text_path)
     return vae_path, text_path
+
+
+# ------------------------------------------------------------------ SD3 text stack (CLIP-L + CLIP-G + T5)
+SD3_WIDTHS = {"clip_l": 32, "clip_g": 48, "t5": 96, "proj_l": 32, "proj_g": 48}  # CLIP concat 80 < T5 96
+
+
+def _sd3_clip_vocab() -> tuple[dict, list]:
+    """A byte-level BPE vocabulary in CLIP's format: single characters (also with the end-of-word
+    marker ``</w>``), one merge chain per demo word, start / end tokens last (the end token has the largest
+    id, as in the real CLIP vocabulary, where the legacy pooling takes the argmax id)."""
+    chars = sorted(set("".join(WORDS)) | set("abcdefghijklmnopqrstuvwxyz0123456789,.!"))
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({f"{c}</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges: list[tuple[str, str]] = []
+    for w in WORDS:
+        parts = [*w[:-1], w[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts = [parts[0] + parts[1], *parts[2:]]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
+
+
+def _sd3_t5_pieces() -> list[tuple[str, float]]:
+    """A Unigram vocabulary in T5's layout: <pad> 0, </s> 1, <unk> 2, then whole words and characters."""
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789,.!"))
+    return ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+            + [(f"▁{w}", -1.0 - 0.01 * i) for i, w in enumerate(WORDS)] + [(c, -5.0) for c in chars])
+
+
+def _write_spiece_model(path: str, pieces: list[tuple[str, float]]) -> None:
+    """A sentencepiece ``spiece.model`` (the ModelProto protobuf, written without the sentencepiece package)
+    holding ``pieces`` — what a real SD3 tokenizer_3/ ships beside its tokenizer.json."""
+    from transformers.utils import sentencepiece_model_pb2_new as spm
+
+    m = spm.ModelProto()
+    for piece, score in pieces:
+        p = m.pieces.add()
+        p.piece, p.score = piece, score
+        p.type = {"<pad>": 3, "</s>": 3, "<unk>": 2}.get(piece, 1)  # CONTROL, UNKNOWN, NORMAL
+    m.trainer_spec.model_type = 1  # UNIGRAM
+    m.trainer_spec.unk_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id, m.trainer_spec.bos_id = 2, 1, 0, -1
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = True
+    with open(path, "wb") as f:
+        f.write(m.SerializeToString())
+
+
+def save_tiny_sd3_encoders(folder: str, seed: int = 0) -> str:
+    """An SD3-style pipeline folder with tiny random text encoders: text_encoder/ (CLIP-L, width 32),
+    text_encoder_2/ (CLIP-G, 48), text_encoder_3/ (T5 encoder, 96) and tokenizer/, tokenizer_2/ (CLIP BPE;
+    CLIP-L pads with the end token, CLIP-G with "!", as the real ones do), tokenizer_3/ (T5 Unigram:
+    tokenizer.json + spiece.model). Deterministic for a seed; no download. Returns ``folder``."""
+    import torch
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
+                              T5Tokenizer)
+
+    vocab, merges = _sd3_clip_vocab()
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    for sub, width, proj, pad, s in (("", SD3_WIDTHS["clip_l"], SD3_WIDTHS["proj_l"], "<|endoftext|>", 0),
+                                     ("_2", SD3_WIDTHS["clip_g"], SD3_WIDTHS["proj_g"], "!", 1)):
+        torch.manual_seed(seed * 10 + s)
+        cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+                             num_attention_heads=2, max_position_embeddings=77, projection_dim=proj,
+                             hidden_act="quick_gelu" if not sub else "gelu", bos_token_id=bos, eos_token_id=eos,
+                             pad_token_id=vocab[pad])
+        CLIPTextModelWithProjection(cfg).eval().save_pretrained(os.path.join(folder, f"text_encoder{sub}"))
+        CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad, model_max_length=77).save_pretrained(
+            os.path.join(folder, f"tokenizer{sub}"))
+    torch.manual_seed(seed * 10 + 2)
+    pieces = _sd3_t5_pieces()
+    T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=SD3_WIDTHS["t5"], d_kv=16, num_heads=3, num_layers=2,
+                            d_ff=128, feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                            relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1,
+                            tie_word_embeddings=False)).eval().save_pretrained(os.path.join(folder, "text_encoder_3"))
+    tok3 = os.path.join(folder, "tokenizer_3")
+    T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512).save_pretrained(tok3)
+    _write_spiece_model(os.path.join(tok3, "spiece.model"), pieces)
+    return folder

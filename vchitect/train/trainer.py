@@ -155,7 +155,8 @@ class Trainer:
     def _load_encoders(self):
         from vchitect.data.encode import load_encoders
 
-        return load_encoders(self.cfg.data, self.device)
+        mesh = self.dims.data_parallel_mesh() if self.cfg.data.encoders.shard and self.dims.world_size > 1 else None
+        return load_encoders(self.cfg.data, self.device, shard_mesh=mesh)
 
     def _null_text(self) -> NullText:
         d = self.cfg.data.text
