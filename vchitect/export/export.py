@@ -21,6 +21,9 @@ file gets under the user's umask, safetensors' 0600 included)::
     scheduler/     FlowMatchEulerDiscreteScheduler with the training shift
     vae/ text_encoder/ tokenizer/   copied from the run config's local paths or --base DIR
     text_encoder_2/ tokenizer_2/     the optional pooled CLIP (data.encoders.pooled_encoder_path)
+    text_encoder_3/ tokenizer_3/     kind sd3: text_encoder* are CLIP-L, CLIP-G and T5 (diffusers' SD3 names),
+                                     from data.encoders.text_encoder_path (an SD3 pipeline folder) or
+                                     clip_l_path / clip_g_path / t5_path
 """
 
 from __future__ import annotations
@@ -119,7 +122,8 @@ def load_weights(step_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ components
 # (pipeline component, tokenizer component, run-config key under data.encoders)
 TEXT_COMPONENTS = (("text_encoder", "tokenizer", "text_encoder_path"),
-                   ("text_encoder_2", "tokenizer_2", "pooled_encoder_path"))
+                   ("text_encoder_2", "tokenizer_2", "pooled_encoder_path"),
+                   ("text_encoder_3", "tokenizer_3", "t5_path"))
 
 
 def _component_paths(config: dict, base: Optional[Path]) -> dict[str, Optional[Path]]:
@@ -141,12 +145,19 @@ def _component_paths(config: dict, base: Optional[Path]) -> dict[str, Optional[P
     paths = {"vae": configured(config.get("vae"), enc.get("vae_path")),
              "text_encoder": configured(config.get("text_encoder"), enc.get("text_encoder_path")),
              "text_encoder_2": configured(enc.get("pooled_encoder_path"))}
+    sd3 = enc.get("text_encoder_kind") == "sd3"
+    if sd3:  # CLIP-L, CLIP-G, T5: a separate folder, else the SD3 pipeline folder (its text_encoder*/ subfolders)
+        root = enc.get("text_encoder_path")
+        for name, key in (("text_encoder", "clip_l_path"), ("text_encoder_2", "clip_g_path"),
+                          ("text_encoder_3", "t5_path")):
+            paths[name] = configured(enc.get(key), root)
     if base is not None:
         if not base.is_dir():
             raise ExportError(f"--base {base} is not a folder; give a diffusers pipeline folder with vae/, "
                               f"text_encoder/ and tokenizer/")
         for name in list(paths):
-            if (base / name).is_dir() and (name != "text_encoder_2" or paths[name] is not None):
+            if (base / name).is_dir() and (sd3 or name not in ("text_encoder_2", "text_encoder_3")
+                                           or paths[name] is not None):
                 paths[name] = base / name
         for _, tok, _ in TEXT_COMPONENTS:
             if (base / tok).is_dir():
@@ -301,7 +312,7 @@ def pipeline_from_checkpoint(ckpt: str | Path, base: str | Path | None = None, e
     text_cfg = (config.get("data") or {}).get("text") or {}
     return VchitectPipeline(model, scheduler, vae=vae, **text, text_encoder_kind=enc_cfg.get("text_encoder_kind", "t5"),
                             max_sequence_length=int(text_cfg.get("max_length", 77)),
-                            shift_reference_tokens=ref_tokens)
+                            shift_reference_tokens=ref_tokens, text_masks=text_cfg.get("masks", "masked"))
 
 
 # ------------------------------------------------------------------ the export
@@ -347,6 +358,7 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = False, dtype: str = "f
             "text_encoder_kind": enc_cfg.get("text_encoder_kind", "t5"),
             "max_sequence_length": int(text_cfg.get("max_length", 77)),
             "shift_reference_tokens": ref_tokens,
+            "text_masks": text_cfg.get("masks", "masked"),
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _default_modes(tmp)

@@ -4,7 +4,10 @@ Components: ``transformer`` (VchitectTransformer3DModel), ``scheduler``
 (FlowMatchEulerDiscreteScheduler carrying the training shift), optional ``vae`` (absent for
 pixel-space models such as the CPU demo: decode is the identity), ``text_encoder`` + ``tokenizer``
 and optionally ``text_encoder_2`` + ``tokenizer_2`` (a CLIP whose ``text_embeds`` are the pooled
-vector, SD3-style), encoded the way :mod:`vchitect.models.encoders` encodes them in training.
+vector, SD3-style), encoded the way :mod:`vchitect.models.encoders` encodes them in training. Text
+encoder kind ``sd3`` (the released Vchitect-2.0 conditioning): ``text_encoder`` / ``text_encoder_2`` /
+``text_encoder_3`` are CLIP-L / CLIP-G / T5 with ``tokenizer`` / ``tokenizer_2`` / ``tokenizer_3``
+(diffusers' SD3 names), and the config's ``text_masks`` is the mask mode (``data.text.masks``).
 
 Loading an export folder (docs/export.md, "Loading it")::
 
@@ -32,7 +35,7 @@ from vchitect.diffusion.fastercache import FasterCacheConfig
 from vchitect.diffusion.freeinit import FreeInitConfig, freeinit_sample
 from vchitect.diffusion.sampling import TextCondition, sample
 from vchitect.models import VchitectTransformer3DModel
-from vchitect.models.encoders import TextEncoder
+from vchitect.models.encoders import SD3TextEncoder, TextEncoder
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 
@@ -45,17 +48,20 @@ class VchitectPipelineOutput(BaseOutput):
 
 
 class VchitectPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "text_encoder->transformer->vae"
-    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                            "tokenizer_3"]
 
     def __init__(self, transformer: VchitectTransformer3DModel, scheduler: FlowMatchEulerDiscreteScheduler,
                  vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                 text_encoder_kind: str = "t5", max_sequence_length: int = 77, shift_reference_tokens: int = 0):
+                 text_encoder_kind: str = "t5", max_sequence_length: int = 77, shift_reference_tokens: int = 0,
+                 text_encoder_3=None, tokenizer_3=None, text_masks: str = "masked"):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                              tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+                              tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                              text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         self.register_to_config(text_encoder_kind=text_encoder_kind, max_sequence_length=max_sequence_length,
-                                shift_reference_tokens=shift_reference_tokens)
+                                shift_reference_tokens=shift_reference_tokens, text_masks=text_masks)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -93,8 +99,16 @@ class VchitectPipeline(DiffusionPipeline):
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("this pipeline has no text encoder/tokenizer; pass prompt_embeds (a TextCondition) "
                              "or export with --base DIR holding text_encoder/ and tokenizer/")
-        enc = TextEncoder(self.text_encoder, self.tokenizer, self.config.text_encoder_kind,
-                          self.config.max_sequence_length, self.text_encoder_2, self.tokenizer_2)
+        if self.config.text_encoder_kind == "sd3":
+            if self.text_encoder_2 is None or self.text_encoder_3 is None or self.tokenizer_3 is None:
+                raise ValueError("this sd3 pipeline lacks text_encoder_2 / text_encoder_3 / tokenizer_3 (CLIP-G, T5); "
+                                 "pass prompt_embeds, or export with --base DIR holding an SD3 pipeline's encoders")
+            enc = SD3TextEncoder(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2,
+                                 self.text_encoder_3, self.tokenizer_3, self.config.max_sequence_length,
+                                 self.config.get("text_masks", "masked"))
+        else:
+            enc = TextEncoder(self.text_encoder, self.tokenizer, self.config.text_encoder_kind,
+                              self.config.max_sequence_length, self.text_encoder_2, self.tokenizer_2)
         hidden, mask, pooled = enc.encode(prompts)
         # A row without any valid token (an empty prompt with a tokenizer that adds no special
         # token) would leave the text attention without keys; keep its first token, as training does.
