@@ -64,3 +64,21 @@ def test_sharded_t5_equals_the_single_process_encoder(tmp_path):
             assert result[0].shape == (len(prompts), MAX_LENGTH, 96)
             assert torch.equal(result[1], expect[1])
             assert torch.equal(result[0], expect[0]) and torch.equal(result[2], expect[2])  # bit for bit
+
+
+def test_trainer_runs_with_a_sharded_sd3_encoder(tmp_path):
+    """`vchitect launch --nproc 2` with data.encoders.shard: the trainer shards the T5 over its FSDP mesh; the
+    null text, the (precomputed, synthetic) batches and validation sampling keep the ranks' forwards in step."""
+    from tests.helpers_run import vchitect, write_config
+
+    folder = save_tiny_sd3_encoders(str(tmp_path / "sd3"))
+    cfg = write_config(
+        tmp_path, model={"in_channels": 3, "joint_attention_dim": 96, "pooled_projection_dim": 80},
+        data={"text": {"max_length": MAX_LENGTH, "masks": "released"},
+              "encoders": {"text_encoder_path": folder, "text_encoder_kind": "sd3", "dtype": "float32",
+                           "shard": True}},
+        train={"output_dir": str(tmp_path / "run"), "steps": 2, "checkpoint_every": 0,
+               "validation": {"every": 2, "prompts": ["a red circle"], "steps": 1, "frames": 1, "height": 8,
+                              "width": 8}})
+    vchitect("train", cfg, nproc=2)
+    assert (tmp_path / "run" / "samples" / "step-000000002" / "00.gif").is_file()
