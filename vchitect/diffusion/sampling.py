@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -143,19 +143,27 @@ StepCallback = Callable[[int, float, torch.Tensor], None]
 
 @torch.no_grad()
 def sample(model, noise: torch.Tensor, cond: TextCondition, uncond: Optional[TextCondition] = None, *,
-           sigmas: torch.Tensor, guidance_scale: float = 1.0, guidance_schedule: str = "constant",
-           batch_cfg: bool = True, fastercache=None, callback: Optional[StepCallback] = None) -> torch.Tensor:
+           sigmas: torch.Tensor, guidance_scale: Union[float, Sequence[float]] = 1.0,
+           guidance_schedule: str = "constant", batch_cfg: bool = True, fastercache=None,
+           callback: Optional[StepCallback] = None) -> torch.Tensor:
     """Integrate ``noise`` (B×C×F×H×W, float32) along ``sigmas`` (1 → 0) and return x0 (float32).
 
     ``uncond`` (same batch as ``cond``) enables guidance on the steps whose scale (see
-    :func:`guidance_scales`) is not 1; a step with g = 1 runs the conditional pass only (except
-    under FasterCache, whose schedule decides per step which attention outputs and which
-    unconditional predictions are computed or reused).
+    :func:`guidance_scales`; or one value per step given as ``guidance_scale``) is not 1; a step
+    with g = 1 runs the conditional pass only (except under FasterCache, whose schedule decides per
+    step which attention outputs and which unconditional predictions are computed or reused).
     """
     num_steps = len(sigmas) - 1
-    scales = guidance_scales(guidance_schedule, guidance_scale, sigmas)
-    if guidance_schedule == "released" and uncond is not None:
-        released_guidance_check(scales, guidance_scale)
+    released = False
+    if isinstance(guidance_scale, (int, float)):
+        scales = guidance_scales(guidance_schedule, guidance_scale, sigmas)
+        released = guidance_schedule == "released" and uncond is not None
+        if released:
+            released_guidance_check(scales, guidance_scale)
+    else:
+        scales = [float(g) for g in guidance_scale]
+        if len(scales) != num_steps:
+            raise ValueError(f"{len(scales)} guidance scales for {num_steps} steps: give one per step")
     use_cfg = uncond is not None and any(g != 1.0 for g in scales)
     if use_cfg and uncond.batch != cond.batch:
         raise ValueError(f"negative prompts ({uncond.batch}) and prompts ({cond.batch}) must match in number")
@@ -167,7 +175,7 @@ def sample(model, noise: torch.Tensor, cond: TextCondition, uncond: Optional[Tex
         for i in range(num_steps):
             t, t_next = float(sigmas[i]), float(sigmas[i + 1])
             g = scales[i]
-            if use_cfg and guidance_schedule == "released" and not g > 1:
+            if released and not g > 1:
                 pass  # the released last-step quirk (released_guidance_check): the previous velocity again
             elif not use_cfg or (g == 1.0 and session is None):
                 if session is not None:
