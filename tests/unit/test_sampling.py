@@ -207,3 +207,15 @@ def test_released_schedule_in_the_batched_sampler_equals_the_released_loop(n):
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     constant = sample(model, noise, c, u, sigmas=scheduler_sigmas(n), guidance_scale=7.5)
     assert (constant - want).abs().max() > 1e-3  # the schedule matters
+
+
+def test_per_step_scales_given_directly_equal_the_named_schedule():
+    model = build_model(0)
+    noise = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    c, u = conds(batch=1, length=5)
+    sig = scheduler_sigmas(6)
+    named = sample(model, noise, c, u, sigmas=sig, guidance_scale=7.5, guidance_schedule="smooth")
+    given = sample(model, noise, c, u, sigmas=sig, guidance_scale=guidance_scales("smooth", 7.5, sig))
+    assert torch.equal(named, given)
+    with pytest.raises(ValueError, match="5 guidance scales for 6 steps"):
+        sample(model, noise, c, u, sigmas=sig, guidance_scale=[2.0] * 5)
