@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -143,7 +143,7 @@ StepCallback = Callable[[int, float, torch.Tensor], None]
 
 @torch.no_grad()
 def sample(model, noise: torch.Tensor, cond: TextCondition, uncond: Optional[TextCondition] = None, *,
-           sigmas: torch.Tensor, guidance_scale: Union[float, Sequence[float]] = 1.0,
+           sigmas: torch.Tensor, guidance_scale: Union[float, list[float], tuple[float, ...]] = 1.0,
            guidance_schedule: str = "constant", batch_cfg: bool = True, fastercache=None,
            callback: Optional[StepCallback] = None) -> torch.Tensor:
     """Integrate ``noise`` (B×C×F×H×W, float32) along ``sigmas`` (1 → 0) and return x0 (float32).
@@ -155,15 +155,15 @@ def sample(model, noise: torch.Tensor, cond: TextCondition, uncond: Optional[Tex
     """
     num_steps = len(sigmas) - 1
     released = False
-    if isinstance(guidance_scale, (int, float)):
-        scales = guidance_scales(guidance_schedule, guidance_scale, sigmas)
-        released = guidance_schedule == "released" and uncond is not None
-        if released:
-            released_guidance_check(scales, guidance_scale)
-    else:
+    if isinstance(guidance_scale, (list, tuple)):
         scales = [float(g) for g in guidance_scale]
         if len(scales) != num_steps:
             raise ValueError(f"{len(scales)} guidance scales for {num_steps} steps: give one per step")
+    else:
+        scales = guidance_scales(guidance_schedule, float(guidance_scale), sigmas)
+        released = guidance_schedule == "released" and uncond is not None
+        if released:
+            released_guidance_check(scales, float(guidance_scale))
     use_cfg = uncond is not None and any(g != 1.0 for g in scales)
     if use_cfg and uncond.batch != cond.batch:
         raise ValueError(f"negative prompts ({uncond.batch}) and prompts ({cond.batch}) must match in number")

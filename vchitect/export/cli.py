@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vchitect.cli import add_export_parser, add_sample_parser, resolve_sample_args, user_error  # noqa: F401 (parsers)
+from vchitect.cli import add_export_parser, add_sample_parser, resolve_sample_args, user_error  # noqa: F401
 
 
 def cmd_export(args) -> int:
