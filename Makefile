@@ -10,7 +10,7 @@ EXTRAS ?= dev
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints.txt | sha1sum | cut -c1-12)-$(EXTRAS)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,7 @@ test: setup
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # CPU benchmarks (figures go into benchmarks/RESULTS.md by hand or by the scripts that say so).
-# GPU figures: run benchmarks/step.py --preset 2b … and benchmarks/max_seq.py on a GPU machine.
+# GPU figures: make bench-gpu; also benchmarks/step.py --preset 2b … and benchmarks/max_seq.py on a GPU machine.
 bench: setup
 	$(PY) -m vchitect.cli model-info configs/model/vchitect-2b.yaml --frames 40 --height 432 --width 768
 	$(PY) benchmarks/step.py --preset tiny --nproc 4 --layout tp2,sp2
@@ -38,6 +38,12 @@ bench: setup
 	$(PY) benchmarks/loader.py --samples 24 --repeats 3
 	$(PY) benchmarks/sampling.py --preset demo
 	$(PY) benchmarks/curate.py --no-write
+
+# GPU figures at real shapes (benchmarks/gpu.py; the 2B sampling step at 40×432×768 in bf16, …): one JSON line
+# per configuration, printed and appended to $OUT/bench-gpu.jsonl when OUT is set, else to
+# benchmarks/results/bench-gpu.jsonl. `python benchmarks/gpu.py --dry-run` checks the same code on CPU.
+bench-gpu: setup
+	$(PY) benchmarks/gpu.py --out "$${OUT:-benchmarks/results}/bench-gpu.jsonl"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -7,7 +7,7 @@
     vchitect train CONFIG [key=value …] [--resume auto|none|DIR]
     vchitect launch --nproc N train CONFIG …      N local ranks (signals forwarded)
     vchitect export CKPT OUT [--ema] [--dtype …]  checkpoint → diffusers pipeline folder
-    vchitect sample (CONFIG CKPT | EXPORT_DIR) --prompt … --out video.mp4
+    vchitect sample (CONFIG CKPT | EXPORT_DIR) --prompt … --out video.mp4 [--preset vchitect2-released]
     vchitect submit (train|curate) CONFIG --nodes N --gpus-per-node G [--dry-run]
     vchitect demo [--out demo_out] [--quick]      the whole pipeline on CPU (docs/demo.md); --smoke: one step
     vchitect eval VIDEOS_DIR                      VBench-style metrics and the prompt-following probe
@@ -237,6 +237,7 @@ def sample_source_problem(source: Path) -> str | None:
 def cmd_sample(args) -> int:
     """Arguments checked here, before vchitect.export.cli imports torch and diffusers (and before
     minutes of sampling)."""
+    resolve_sample_args(args)
     if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
         return user_error("sample error", f"--out {args.out}: write .mp4 or .gif")
     problem = sample_source_problem(Path(args.source)) if args.ckpt is None else None
@@ -259,27 +260,66 @@ def add_export_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_export)
 
+# `vchitect sample`: the defaults of the flags a preset may set, and the presets. A flag given on the
+# command line wins over the preset, the preset over the default (resolve_sample_args).
+SAMPLE_DEFAULTS = dict(frames=16, height=None, width=None, steps=50, guidance_scale=6.0,
+                       guidance_schedule="constant", timestep_spacing="uniform", negative_prompt=None, dtype=None,
+                       seed=0, fps=8.0)
+SAMPLE_PRESETS = {
+    # The released Vchitect-2.0 inference.py / VchitectXLPipeline (docs/sampling.md, "The released settings"):
+    # 40 frames at 432×768, 100 steps of the scheduler's own spacing, its guidance formula with s = 7.5,
+    # the empty negative prompt, the transformer in bf16, seed 0 (its first of five), 8 fps.
+    "vchitect2-released": dict(frames=40, height=432, width=768, steps=100, guidance_scale=7.5,
+                               guidance_schedule="released", timestep_spacing="released", negative_prompt="",
+                               dtype="bf16", seed=0, fps=8.0),
+}
+
+
+def resolve_sample_args(args):
+    """Fill the preset-able flags of ``vchitect sample`` the command line left out: from ``--preset``,
+    else from :data:`SAMPLE_DEFAULTS` (idempotent; returns ``args``)."""
+    preset = SAMPLE_PRESETS[args.preset] if getattr(args, "preset", None) else {}
+    for key, default in SAMPLE_DEFAULTS.items():
+        if not hasattr(args, key):
+            setattr(args, key, preset.get(key, default))
+    return args
+
+
 def add_sample_parser(subparsers) -> None:
-    p = subparsers.add_parser("sample", help="generate a video from an export folder or a training checkpoint")
+    p = subparsers.add_parser("sample", help="generate a video from an export folder or a training checkpoint",
+                              argument_default=argparse.SUPPRESS)  # absent flags: resolve_sample_args
     p.add_argument("source", help="export folder (model_index.json), checkpoint folder, or a config YAML followed "
                    "by a checkpoint")
     p.add_argument("ckpt", nargs="?", default=None, help="checkpoint, when SOURCE is a config")
     p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: the empty prompt)")
     p.add_argument("--out", required=True, help="output .mp4 or .gif")
-    p.add_argument("--frames", type=int, default=16, help="video frames (default 16)")
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's sample size)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's sample size)")
-    p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written file")
-    p.add_argument("--fastercache", action="store_true", help="FasterCache with its default schedule "
-                   "(see docs/sampling.md)")
+    p.add_argument("--preset", default=None, choices=sorted(SAMPLE_PRESETS),
+                   help="defaults for the flags below; flags given explicitly still win. vchitect2-released: the "
+                   "released Vchitect-2.0 settings (40 frames, 432×768, 100 steps, guidance 7.5 with the released "
+                   "schedule and timestep spacing, bf16; docs/sampling.md)")
+    p.add_argument("--negative-prompt", help="negative prompt (default: the empty prompt)")
+    p.add_argument("--frames", type=int, help="video frames (default 16)")
+    p.add_argument("--height", type=int, help="pixels (default: the model's sample size)")
+    p.add_argument("--width", type=int, help="pixels (default: the model's sample size)")
+    p.add_argument("--steps", type=int, help="Euler steps (default 50)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance s (default 6; 1 = off "
+                   "with the constant schedule)")
+    p.add_argument("--guidance-schedule", choices=["constant", "released", "smooth"],
+                   help="g per step: constant (g = s, the default), released (the released Vchitect-2.0 formula, "
+                   "quirks included), smooth (the ramp 1 → 1+s it evidently meant); docs/sampling.md")
+    p.add_argument("--timestep-spacing", choices=["uniform", "released"],
+                   help="uniform (the default: shift of linspace(1, 0, steps+1)) or released (the scheduler's own "
+                   "set_timesteps, as the released pipeline)")
+    p.add_argument("--seed", type=int, help="noise seed (default 0)")
+    p.add_argument("--fps", type=float, help="frame rate of the written file (default 8)")
+    p.add_argument("--fastercache", action="store_true", default=False, help="FasterCache with its default "
+                   "schedule (see docs/sampling.md)")
     p.add_argument("--freeinit", type=int, default=0, metavar="N", help="FreeInit re-initialisations (0 = off)")
     p.add_argument("--freeinit-filter", default="butterworth", choices=["butterworth", "gaussian", "ideal"])
-    p.add_argument("--ema", action="store_true", help="checkpoint sources: use the EMA weights")
-    p.add_argument("--dtype", default="fp32", help="checkpoint sources: bf16, fp16 or fp32")
+    p.add_argument("--ema", action="store_true", default=False, help="checkpoint sources: use the EMA weights")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
+                   help="transformer weights: checkpoint sources load in it (default fp32), export folders are "
+                   "cast to it (default: as exported)")
     p.add_argument("--base", default=None, help="checkpoint sources: folder with vae/, text_encoder/, tokenizer/")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_sample)

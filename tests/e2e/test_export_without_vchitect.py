@@ -1,8 +1,8 @@
 """An export loads and samples where vchitect is not installed: ``DiffusionPipeline.from_pretrained(folder,
 trust_remote_code=True)`` in a fresh environment with torch, diffusers and transformers only (tests/envs.py)
-runs the code the folder carries, with CFG, FasterCache and FreeInit, and gives the same output, bit for
-bit, as the installed vchitect does with the same folder (same code, same weights, one thread each);
-without the flag diffusers refuses the folder there."""
+runs the code the folder carries, with CFG (also the released and smooth guidance schedules), FasterCache
+and FreeInit, and gives the same output, bit for bit, as the installed vchitect does with the same folder
+(same code, same weights, one thread each); without the flag diffusers refuses the folder there."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ CASES = {
     "video": dict(output_type="np"),
     "freeinit": dict(output_type="latent", freeinit={"reinits": 1, "filter": "gaussian"}),
     "fastercache_defaults": dict(output_type="latent", fastercache=True),
+    "released": dict(output_type="latent", guidance_schedule="released", timestep_spacing="released"),
+    "smooth": dict(output_type="latent", guidance_schedule="smooth"),
 }
 
 SAMPLE = textwrap.dedent("""
@@ -108,6 +110,7 @@ def test_export_samples_where_vchitect_is_not_installed(exported, env_without_vc
     assert got["video"].shape == (1, 3, 16, 16, 3)
     # the samplers did something: FreeInit and FasterCache change the result, FasterCache reused work
     assert not torch.equal(got["freeinit"], got["cfg"])
+    assert not torch.equal(got["released"], got["cfg"]) and not torch.equal(got["smooth"], got["cfg"])
     assert not torch.equal(got["fastercache"], got["cfg"]) and torch.equal(got["fastercache"],
                                                                            got["fastercache_defaults"])
     assert info["fastercache_stats"] == stats

@@ -271,6 +271,52 @@ def test_pipeline_schedule_follows_the_exported_shift():
     dynamic = VchitectPipeline(model, FlowMatchEulerDiscreteScheduler(shift=2.0, use_dynamic_shifting=True),
                                shift_reference_tokens=16)
     assert torch.allclose(dynamic.sigmas(6, tokens=64, device="cpu"), flow_sigmas(6, 4.0), atol=1e-6)
+    # the released pipeline's spacing: the scheduler's own set_timesteps(N), linspace(1, σ_min, N) shifted, then 0
+    released = fixed.sigmas(6, tokens=64, device="cpu", timestep_spacing="released")
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    reference.set_timesteps(6)
+    assert torch.equal(released, reference.sigmas) and released[-2] < flow_sigmas(6, 3.0)[-2]  # last step lower
+    with pytest.raises(ValueError, match="timestep_spacing='karras': choose one of uniform, released"):
+        fixed.sigmas(6, tokens=64, device="cpu", timestep_spacing="karras")
+
+
+def test_sample_preset_gives_the_released_settings_and_explicit_flags_win(ckpt, tmp_path, monkeypatch):
+    """``vchitect sample --preset vchitect2-released``: the released frames, size, steps, guidance, schedule,
+    spacing, negative prompt and a bf16 transformer reach the pipeline; flags given on the command line win."""
+    import numpy as np
+
+    from vchitect.cli import SAMPLE_DEFAULTS, build_parser
+    from vchitect.export.pipeline import VchitectPipelineOutput
+
+    root, _ = ckpt
+    export(root / "run", tmp_path / "pipe")
+    calls = []
+
+    def fake_call(self, prompt, **kw):
+        calls.append(dict(kw, prompt=prompt, transformer_dtype=self.transformer.dtype))
+        return VchitectPipelineOutput(frames=np.zeros((1, 2, 16, 16, 3), np.float32))
+
+    monkeypatch.setattr(VchitectPipeline, "__call__", fake_call)
+    parser = build_parser()
+    base = ["sample", str(tmp_path / "pipe"), "--prompt", "a red car", "--out", str(tmp_path / "v.gif")]
+    args = parser.parse_args([*base, "--preset", "vchitect2-released", "--steps", "10", "--negative-prompt", "blur"])
+    assert args.func(args) == 0
+    released = dict(num_frames=40, height=432, width=768, guidance_scale=7.5, guidance_schedule="released",
+                    timestep_spacing="released")
+    assert {k: calls[-1][k] for k in released} == released
+    assert calls[-1]["num_inference_steps"] == 10 and calls[-1]["negative_prompt"] == "blur"  # explicit wins
+    assert calls[-1]["transformer_dtype"] == torch.bfloat16
+    args = parser.parse_args([*base, "--preset", "vchitect2-released", "--guidance-schedule", "smooth",
+                              "--dtype", "fp32", "--frames", "2"])
+    assert args.func(args) == 0
+    assert calls[-1]["guidance_schedule"] == "smooth" and calls[-1]["num_frames"] == 2
+    assert calls[-1]["num_inference_steps"] == 100 and calls[-1]["negative_prompt"] == ""
+    assert calls[-1]["transformer_dtype"] == torch.float32
+    args = parser.parse_args(base)  # no preset: today's defaults, the export's own dtype
+    assert args.func(args) == 0
+    assert calls[-1]["guidance_schedule"] == "constant" and calls[-1]["timestep_spacing"] == "uniform"
+    assert calls[-1]["num_frames"] == SAMPLE_DEFAULTS["frames"] == 16 and calls[-1]["guidance_scale"] == 6.0
+    assert calls[-1]["negative_prompt"] is None and calls[-1]["transformer_dtype"] == torch.float32
 
 
 def test_pooled_clip_encoder_is_exported_as_text_encoder_2(ckpt, tmp_path):

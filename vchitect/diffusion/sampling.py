@@ -6,7 +6,10 @@
 The noise levels are ``linspace(1, 0, steps + 1)`` passed through the training shift
 t' = s·t / (1 + (s − 1)·t) (the same schedule diffusers' ``FlowMatchEulerDiscreteScheduler``
 builds from ``shift = s``). Guidance: v = v_uncond + g·(v_cond − v_uncond); the conditional and
-unconditional rows run as one batch of 2B unless ``batch_cfg=False``.
+unconditional rows run as one batch of 2B unless ``batch_cfg=False``. The guidance scale g of step
+i comes from :func:`guidance_scales`: ``constant`` (g = s at every step), ``released`` (the released
+Vchitect-2.0 pipeline's per-step formula, quirks included) or ``smooth`` (the ramp that formula
+evidently meant) — docs/sampling.md, "Guidance schedules".
 
 Two training-free accelerations/quality tools plug into :func:`sample`:
 :class:`~vchitect.diffusion.fastercache.FasterCache` (reuse attention outputs and the unconditional
@@ -17,8 +20,9 @@ re-initialisation). Sequence-parallel sampling needs nothing here: a model prepa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -85,30 +89,95 @@ def predict_velocity(model, x: torch.Tensor, text: TextCondition, t: float) -> t
     return out.float()
 
 
+GUIDANCE_SCHEDULES = ("constant", "released", "smooth")
+
+
+def _cosine_ramp(scale: float, u: float) -> float:
+    """1 + s·(1 − cos(π·u⁵))/2 — in Python floats (doubles), as the released pipeline computes it."""
+    return 1 + scale * ((1 - math.cos(math.pi * u ** 5.0)) / 2)
+
+
+def guidance_scales(schedule: str, scale: float, sigmas: torch.Tensor) -> list[float]:
+    """The guidance scale g_i of each of the N = len(sigmas) − 1 steps along ``sigmas`` (1 → 0).
+
+    ``constant``: g_i = s. ``smooth``: g_i = 1 + s·(1 − cos(π·(i/N)⁵))/2, rising from 1 at i = 0
+    towards 1 + s. ``released``: the same ramp over u = (N − t_i)/N, with t_i the *scheduler
+    timestep* of step i (1000·σ_i in float32, 0 … 1000, after the shift) — what the released code
+    computes. For t_i > N the base u is negative (down to −9 at N = 100) and u⁵ reaches −59049, so
+    cos(π·u⁵) is effectively pseudo-random and g_i jumps between ≈1 and ≈1 + s instead of rising.
+    The exponent 5.0 is integral, so a negative base gives a real, negative power (no NaN).
+    """
+    if schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"guidance_schedule={schedule!r}: choose one of {', '.join(GUIDANCE_SCHEDULES)}")
+    n = len(sigmas) - 1
+    if schedule == "constant":
+        return [float(scale)] * n
+    if schedule == "smooth":
+        return [_cosine_ramp(scale, i / n) for i in range(n)]
+    timesteps = sigmas[:-1].to(torch.float32) * 1000  # float32, as FlowMatchEulerDiscreteScheduler.timesteps
+    return [_cosine_ramp(scale, (n - t) / n) for t in timesteps.tolist()]
+
+
+def released_guidance_check(scales: list[float], scale: float) -> None:
+    """Refuse a ``released`` schedule that the released pipeline itself cannot run.
+
+    It decides whether to guide from the scale its formula just wrote (g > 1) and, from the next
+    step on, whether to run the unconditional pass at all. Where g comes out exactly 1 (cos(π·u⁵) = 1
+    in doubles: a timestep within ≈2 % of N, or u⁵ an even integer) that step reuses the previous
+    step's velocity and the next one fails (it indexes the second row of a batch of one). On the
+    last step that reuse is reproduced by :func:`sample`; anywhere else there is no released output.
+    """
+    if scale <= 1:
+        raise ValueError(f"guidance_schedule='released' with guidance_scale={scale}: the released pipeline "
+                         f"guides only with a scale > 1 (it fails without one); use 'constant' or 'smooth'")
+    n = len(scales)
+    for i, g in enumerate(scales):
+        if not g > 1 and (i == 0 or i < n - 1):
+            raise ValueError(f"guidance_schedule='released' at {n} steps: the released formula gives g = {g} "
+                             f"at step {i}, where the released pipeline stops with an error; choose another "
+                             f"step count (e.g. {n + 1}) or guidance_schedule='smooth'")
+
+
 StepCallback = Callable[[int, float, torch.Tensor], None]
 
 
 @torch.no_grad()
 def sample(model, noise: torch.Tensor, cond: TextCondition, uncond: Optional[TextCondition] = None, *,
-           sigmas: torch.Tensor, guidance_scale: float = 1.0, batch_cfg: bool = True, fastercache=None,
+           sigmas: torch.Tensor, guidance_scale: Union[float, list[float], tuple[float, ...]] = 1.0,
+           guidance_schedule: str = "constant", batch_cfg: bool = True, fastercache=None,
            callback: Optional[StepCallback] = None) -> torch.Tensor:
     """Integrate ``noise`` (B×C×F×H×W, float32) along ``sigmas`` (1 → 0) and return x0 (float32).
 
-    ``uncond`` (same batch as ``cond``) enables guidance when ``guidance_scale != 1``. With a
-    :class:`~vchitect.diffusion.fastercache.FasterCache`, its schedule decides per step which
-    attention outputs and which unconditional predictions are computed or reused.
+    ``uncond`` (same batch as ``cond``) enables guidance on the steps whose scale (see
+    :func:`guidance_scales`; or one value per step given as ``guidance_scale``) is not 1; a step
+    with g = 1 runs the conditional pass only (except under FasterCache, whose schedule decides per
+    step which attention outputs and which unconditional predictions are computed or reused).
     """
-    use_cfg = uncond is not None and guidance_scale != 1.0
+    num_steps = len(sigmas) - 1
+    released = False
+    if isinstance(guidance_scale, (list, tuple)):
+        scales = [float(g) for g in guidance_scale]
+        if len(scales) != num_steps:
+            raise ValueError(f"{len(scales)} guidance scales for {num_steps} steps: give one per step")
+    else:
+        scales = guidance_scales(guidance_schedule, float(guidance_scale), sigmas)
+        released = guidance_schedule == "released" and uncond is not None
+        if released:
+            released_guidance_check(scales, float(guidance_scale))
+    use_cfg = uncond is not None and any(g != 1.0 for g in scales)
     if use_cfg and uncond.batch != cond.batch:
         raise ValueError(f"negative prompts ({uncond.batch}) and prompts ({cond.batch}) must match in number")
-    num_steps = len(sigmas) - 1
     x = noise.float()
     both = TextCondition.cat([cond, uncond]) if use_cfg else None
     session = fastercache.attach(model, num_steps) if fastercache is not None else None
+    v = None
     try:
         for i in range(num_steps):
             t, t_next = float(sigmas[i]), float(sigmas[i + 1])
-            if not use_cfg:
+            g = scales[i]
+            if released and not g > 1:
+                pass  # the released last-step quirk (released_guidance_check): the previous velocity again
+            elif not use_cfg or (g == 1.0 and session is None):
                 if session is not None:
                     session.begin_step(i, ("cond",))
                 v = predict_velocity(model, x, cond, t)
@@ -131,7 +200,7 @@ def sample(model, noise: torch.Tensor, cond: TextCondition, uncond: Optional[Tex
                     v_u = session.rebuild_uncond(v_c, i)
                 if session is not None and full:
                     session.store_cfg_residual(v_c, v_u, i)
-                v = v_u + guidance_scale * (v_c - v_u)
+                v = v_u + g * (v_c - v_u)
             x = x + (t_next - t) * v
             if callback is not None:
                 callback(i, t, x)
@@ -164,5 +233,5 @@ def enable_sequence_parallel(model, mesh=None):
     return mesh
 
 
-__all__ = ["TextCondition", "enable_sequence_parallel", "flow_sigmas", "predict_velocity", "sample",
-           "shift_sigmas"]
+__all__ = ["GUIDANCE_SCHEDULES", "TextCondition", "enable_sequence_parallel", "flow_sigmas", "guidance_scales",
+           "predict_velocity", "released_guidance_check", "sample", "shift_sigmas"]

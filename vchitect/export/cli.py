@@ -3,7 +3,7 @@
 this package nor torch; they are re-exported here).
 
     vchitect export CKPT OUT [--ema] [--dtype bf16|fp16|fp32] [--base DIR] [--max-shard-size 5GB]
-    vchitect sample (EXPORT_DIR | CKPT | CONFIG CKPT) --prompt … --out video.mp4|.gif [options]
+    vchitect sample (EXPORT_DIR | CKPT | CONFIG CKPT) --prompt … --out video.mp4|.gif [--preset P] [options]
 
 ``sample`` under ``torchrun --nproc-per-node N`` (or any launcher setting WORLD_SIZE) splits the
 video tokens over the N ranks with Ulysses sequence parallelism; rank 0 writes the file.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vchitect.cli import add_export_parser, add_sample_parser, user_error  # noqa: F401  (parsers re-exported)
+from vchitect.cli import add_export_parser, add_sample_parser, resolve_sample_args, user_error  # noqa: F401
 
 
 def cmd_export(args) -> int:
@@ -71,13 +71,21 @@ def load_pipeline(args):
 
     source = Path(args.source)
     if args.ckpt is None and (source / "model_index.json").is_file():
-        return VchitectPipeline.from_pretrained(source)
+        pipe = VchitectPipeline.from_pretrained(source)
+        if args.dtype is not None:  # e.g. --preset vchitect2-released on an fp32 export: the transformer in bf16
+            import torch
+
+            from .export import DTYPES
+
+            torch.nn.Module.to(pipe.transformer, DTYPES[args.dtype])  # ModelMixin.to warns of fp32 modules: none
+        return pipe
+    dtype = args.dtype or "fp32"
     if args.ckpt is None:
-        return pipeline_from_checkpoint(source, base=args.base, ema=args.ema, dtype=args.dtype)
+        return pipeline_from_checkpoint(source, base=args.base, ema=args.ema, dtype=dtype)
     from vchitect.config import load_config, to_dict
 
     config = to_dict(load_config(source))
-    return pipeline_from_checkpoint(args.ckpt, base=args.base, ema=args.ema, dtype=args.dtype, config=config)
+    return pipeline_from_checkpoint(args.ckpt, base=args.base, ema=args.ema, dtype=dtype, config=config)
 
 
 def _init_sequence_parallel(pipe, device):
@@ -104,6 +112,7 @@ def cmd_sample(args) -> int:
 
     from .export import ExportError
 
+    resolve_sample_args(args)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -120,6 +129,7 @@ def cmd_sample(args) -> int:
     try:
         video = pipe(args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,
                      width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                     guidance_schedule=args.guidance_schedule, timestep_spacing=args.timestep_spacing,
                      generator=generator, output_type="np", fastercache=fastercache, freeinit=freeinit).frames
     except ValueError as exc:  # shapes, missing text encoder / VAE: the message says what to do
         return user_error("sample error", str(exc))

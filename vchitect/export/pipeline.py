@@ -33,11 +33,12 @@ from diffusers.utils import BaseOutput
 
 from vchitect.diffusion.fastercache import FasterCacheConfig
 from vchitect.diffusion.freeinit import FreeInitConfig, freeinit_sample
-from vchitect.diffusion.sampling import TextCondition, sample
+from vchitect.diffusion.sampling import TextCondition, guidance_scales, sample
 from vchitect.models import VchitectTransformer3DModel
 from vchitect.models.encoders import SD3TextEncoder, TextEncoder
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+TIMESTEP_SPACINGS = ("uniform", "released")
 
 
 @dataclass
@@ -119,14 +120,24 @@ class VchitectPipeline(DiffusionPipeline):
         return TextCondition(hidden.float(), pooled.float(), mask)
 
     # ------------------------------------------------------------------ schedule
-    def sigmas(self, num_inference_steps: int, tokens: int, device) -> torch.Tensor:
-        """Shifted noise levels 1 → 0 (num_inference_steps + 1) from the scheduler's config."""
-        base = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+    def sigmas(self, num_inference_steps: int, tokens: int, device, timestep_spacing: str = "uniform") -> torch.Tensor:
+        """Shifted noise levels 1 → 0 (num_inference_steps + 1) from the scheduler's config.
+
+        ``uniform``: the shift of linspace(1, 0, N + 1). ``released``: what the scheduler's own
+        ``set_timesteps(N)`` gives, as the released Vchitect-2.0 pipeline used it — the shift of
+        linspace(1, σ_min, N) with σ_min the smallest training noise level (0.003 at shift 3), then 0.
+        """
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing={timestep_spacing!r}: choose one of {', '.join(TIMESTEP_SPACINGS)}")
         kwargs = {}
         if self.scheduler.config.use_dynamic_shifting:
             ref = self.config.shift_reference_tokens or tokens
             kwargs["mu"] = math.log(self.scheduler.config.shift * math.sqrt(tokens / ref))
-        self.scheduler.set_timesteps(sigmas=base.tolist(), device=device, **kwargs)
+        if timestep_spacing == "released":
+            self.scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+        else:
+            base = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+            self.scheduler.set_timesteps(sigmas=base.tolist(), device=device, **kwargs)
         return self.scheduler.sigmas.to(torch.float32).cpu()
 
     # ------------------------------------------------------------------ decode
@@ -176,10 +187,13 @@ class VchitectPipeline(DiffusionPipeline):
                  negative_prompt_embeds: Optional[TextCondition] = None, output_type: str = "np",
                  return_dict: bool = True, batch_cfg: bool = True,
                  fastercache: Union[FasterCacheConfig, dict, bool, None] = None,
-                 freeinit: Union[FreeInitConfig, dict, bool, None] = None, callback=None):
+                 freeinit: Union[FreeInitConfig, dict, bool, None] = None, callback=None,
+                 guidance_schedule: str = "constant", timestep_spacing: str = "uniform"):
         """``fastercache`` / ``freeinit``: a :class:`FasterCacheConfig` / :class:`FreeInitConfig`, a dict of its
         fields, or True for its defaults (plain values work where the config classes are not importable,
-        e.g. with the export folder's own code)."""
+        e.g. with the export folder's own code). ``guidance_schedule``: ``constant``, ``released`` or
+        ``smooth`` (:func:`~vchitect.diffusion.sampling.guidance_scales`); ``timestep_spacing``:
+        ``uniform`` or ``released`` (:meth:`sigmas`). The released Vchitect-2.0 settings: docs/sampling.md."""
         fastercache = _sampler_config(fastercache, FasterCacheConfig)
         freeinit = _sampler_config(freeinit, FreeInitConfig)
         if output_type not in OUTPUT_TYPES:
@@ -190,14 +204,6 @@ class VchitectPipeline(DiffusionPipeline):
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             prompt_embeds = self.encode_prompt(prompts)
         B = prompt_embeds.batch
-        use_cfg = guidance_scale != 1.0
-        if use_cfg and negative_prompt_embeds is None:
-            neg = negative_prompt if negative_prompt is not None else ""
-            negs = [neg] * B if isinstance(neg, str) else list(neg)
-            if len(negs) != B:
-                raise ValueError(f"{len(negs)} negative prompts for {B} prompts")
-            negative_prompt_embeds = self.encode_prompt(negs)
-
         scale = self.vae_spatial_factor
         height = height or self.transformer.config.sample_size * scale
         width = width or self.transformer.config.sample_size * scale
@@ -211,7 +217,14 @@ class VchitectPipeline(DiffusionPipeline):
         latents = latents.to(device, torch.float32)
         p = self.transformer.config.patch_size
         tokens = shape[2] * (shape[3] // p) * (shape[4] // p)
-        sigmas = self.sigmas(num_inference_steps, tokens, device)
+        sigmas = self.sigmas(num_inference_steps, tokens, device, timestep_spacing)
+        use_cfg = any(g != 1.0 for g in guidance_scales(guidance_schedule, guidance_scale, sigmas))
+        if use_cfg and negative_prompt_embeds is None:
+            neg = negative_prompt if negative_prompt is not None else ""
+            negs = [neg] * B if isinstance(neg, str) else list(neg)
+            if len(negs) != B:
+                raise ValueError(f"{len(negs)} negative prompts for {B} prompts")
+            negative_prompt_embeds = self.encode_prompt(negs)
 
         cond = _to(prompt_embeds, device)
         uncond = _to(negative_prompt_embeds, device) if use_cfg else None
@@ -226,7 +239,8 @@ class VchitectPipeline(DiffusionPipeline):
 
             def run(z: torch.Tensor) -> torch.Tensor:
                 return sample(self.transformer, z, cond, uncond, sigmas=sigmas, guidance_scale=guidance_scale,
-                              batch_cfg=batch_cfg, fastercache=fastercache, callback=step_done)
+                              guidance_schedule=guidance_schedule, batch_cfg=batch_cfg, fastercache=fastercache,
+                              callback=step_done)
 
             x0 = freeinit_sample(run, latents, freeinit, generator) if freeinit is not None else run(latents)
         if output_type == "latent":
@@ -256,4 +270,5 @@ def _sampler_config(value, cls):
     return value
 
 
-__all__ = ["FasterCacheConfig", "FreeInitConfig", "TextCondition", "VchitectPipeline", "VchitectPipelineOutput"]
+__all__ = ["FasterCacheConfig", "FreeInitConfig", "TIMESTEP_SPACINGS", "TextCondition", "VchitectPipeline",
+           "VchitectPipelineOutput"]
