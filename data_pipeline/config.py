@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from vchitect.config_base import ConfigError, load_config, setting, to_dict
-from vchitect.data.config import S3Config
+from vchitect.data.config import BucketConfig, EncoderConfig, S3Config, TextShapeConfig
 
 __all__ = ["CurateConfig", "ConfigError", "load_curate_config", "config_fingerprint"]
 
@@ -42,22 +42,41 @@ class OutputConfig:
 
 
 @dataclass
+class StageResources:
+    """What each actor of one model-backed stage (an actor pool) reserves and receives."""
+
+    actors: int = setting(1, min=1, help="actors in the pool; each loads the stage's models once")
+    cpus: float = setting(0.5, min=0.0, help="CPUs reserved by each actor; fractional by default so "
+                          "a small machine keeps room for the video tasks that feed the pools")
+    gpus: float = setting(0.0, min=0.0, help="GPUs per actor: 0 = none, the actor runs on CPU; > 0 = Ray "
+                          "places each actor on a GPU (CUDA_VISIBLE_DEVICES) and the captioner / latent "
+                          "encoders run on it (the model filters always run on CPU)")
+    batch_size: int = setting(4, min=1, help="inputs (videos, with all their clips) per batch sent "
+                              "to an actor")
+
+
+_MOVED_TO_STAGES = "ray.filters.{0}, ray.caption.{0} and ray.latents.{0} (one per stage)"
+
+
+@dataclass
 class RayConfig:
     """How Ray is started and how much each stage may use."""
+
+    RENAMED: ClassVar[dict] = {
+        "model_actors": "ray.filters.actors", "model_actor_cpus": _MOVED_TO_STAGES.format("cpus"),
+        "caption_actors": "ray.caption.actors", "caption_gpus": "ray.caption.gpus",
+        "latents_actors": "ray.latents.actors", "latents_gpus": "ray.latents.gpus",
+        "batch_size": _MOVED_TO_STAGES.format("batch_size")}
 
     address: Optional[str] = setting(None, help="join an existing cluster (e.g. 'auto' or "
                                      "'ray://head:10001'); null = start a local Ray")
     num_cpus: int = setting(0, min=0, help="CPUs for a local Ray (0 = all of this machine's)")
     video_task_cpus: float = setting(1.0, min=0.05, help="CPUs reserved by each probe/split/clip/filter task")
-    model_actor_cpus: float = setting(0.5, min=0.0, help="CPUs reserved by each model actor "
-                                      "(OCR/NSFW/aesthetic and captioner); kept fractional so a "
-                                      "small machine still has room for video tasks")
-    model_actors: int = setting(1, min=1, help="size of the model-filter actor pool")
-    caption_actors: int = setting(1, min=1, help="size of the captioner actor pool")
-    caption_gpus: float = setting(0.0, min=0.0, help="GPUs per captioner actor (0 = CPU)")
-    latents_actors: int = setting(1, min=1, help="size of the latent-encoder actor pool")
-    latents_gpus: float = setting(0.0, min=0.0, help="GPUs per latent-encoder actor (0 = CPU)")
-    batch_size: int = setting(4, min=1, help="inputs per batch sent to a model actor")
+    filters: StageResources = setting(default_factory=StageResources, help="the OCR / NSFW / aesthetic "
+                                      "model-filter actors (their models run on CPU)")
+    caption: StageResources = setting(default_factory=StageResources, help="the VLM captioner actors")
+    latents: StageResources = setting(default_factory=StageResources, help="the VAE / text-encoder "
+                                      "latent actors (latents.enabled)")
     progress_every: float = setting(30.0, min=0.0, help="when stdout is not a terminal (Slurm, nohup, a "
                                     "pipe): seconds between plain progress lines, besides one at each "
                                     "tenth of the inputs (0 = only those)")
@@ -180,15 +199,27 @@ class CaptionConfig:
 
 @dataclass
 class LatentsConfig:
-    """Optional latent precomputation (VAE + text encoder, on GPU actors when ray.latents_gpus > 0)."""
+    """Optional latent precomputation, with the training config's encoders and shapes: copy its
+    ``data.encoders``, ``data.text``, ``data.buckets``, ``data.fps`` and ``data.seed`` here."""
 
-    enabled: bool = setting(False, help="write latent.npy / text.npy / text_mask.npy per sample")
-    vae_path: Optional[str] = setting(None, help="local diffusers AutoencoderKL folder")
-    text_encoder_path: Optional[str] = setting(None, help="local transformers text encoder folder "
-                                               "(with its tokenizer); encoder-decoder models use the encoder")
-    max_text_length: int = setting(256, min=1, help="tokens per caption (padded / truncated)")
-    frames_per_batch: int = setting(16, min=1, help="frames per VAE forward")
-    dtype: str = setting("float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    RENAMED: ClassVar[dict] = {"vae_path": "latents.encoders.vae_path",
+                               "text_encoder_path": "latents.encoders.text_encoder_path",
+                               "max_text_length": "latents.text.max_length", "dtype": "latents.encoders.dtype"}
+
+    enabled: bool = setting(False, help="write latent.npy / text.npy / text_mask.npy / pooled.npy per "
+                            "sample, and what they were made with under `latents` in its json")
+    encoders: EncoderConfig = setting(default_factory=EncoderConfig, help="the VAE and text encoder, as "
+                                      "data.encoders of the training config (both paths required)")
+    text: TextShapeConfig = setting(default_factory=TextShapeConfig, help="text shapes, as data.text of "
+                                    "the training config (L tokens; D and P are checked)")
+    buckets: list[BucketConfig] = setting(
+        default_factory=lambda: [BucketConfig(256, 256, 17), BucketConfig(256, 256, 1)],
+        help="(height, width, frames) targets, as data.buckets of the training config: each clip is "
+        "encoded at the bucket and frames decode mode would pick (docs/curation.md, Latents)")
+    fps: float = setting(8.0, min=0.1, help="frames are sampled at this rate, as data.fps")
+    seed: int = setting(0, min=0, help="as data.seed: the frame window is the one decode mode draws "
+                        "for the sample in epoch 0 of a run with this seed")
+    frames_per_batch: int = setting(16, min=1, help="frames per VAE forward (image VAEs, applied per frame)")
 
 
 @dataclass
@@ -221,8 +252,12 @@ class CurateConfig:
         if bool(self.filters.aesthetic_clip_path) != bool(self.filters.aesthetic_head_path):
             raise ConfigError("filters.aesthetic_clip_path and filters.aesthetic_head_path must be "
                               "set together (or both null to turn the aesthetic filter off)")
-        if self.latents.enabled and not (self.latents.vae_path and self.latents.text_encoder_path):
-            raise ConfigError("latents.enabled=true needs latents.vae_path and latents.text_encoder_path")
+        e = self.latents.encoders
+        if self.latents.enabled and not (e.vae_path and e.text_encoder_path):
+            raise ConfigError("latents.enabled=true needs latents.encoders.vae_path and "
+                              "latents.encoders.text_encoder_path (copy data.encoders of the training config)")
+        if self.latents.enabled and not self.latents.buckets:
+            raise ConfigError("latents.buckets is empty; copy data.buckets of the training config")
 
     def missing_paths(self) -> dict[str, str]:
         """The required paths still empty, each with what it must be (the presets in configs/curate/

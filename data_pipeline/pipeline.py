@@ -1,9 +1,9 @@
 """Ray Data assembly of the curation stages, resume, and the final shard packing.
 
     sources ─► [task] probe → split → clip → cheap filters          (num_cpus=ray.video_task_cpus)
-            ─► [actors] OCR / NSFW / aesthetic                       (ray.model_actors × model_actor_cpus)
-            ─► [actors] VLM captions (when caption.vlm_path is set)  (ray.caption_actors, caption_gpus)
-            ─► [actors] VAE / text-encoder latents (latents.enabled)  (ray.latents_actors, latents_gpus)
+            ─► [actors] OCR / NSFW / aesthetic                       (ray.filters: actors, cpus, gpus)
+            ─► [actors] VLM captions (when caption.vlm_path is set)  (ray.caption)
+            ─► [actors] VAE / text-encoder latents (latents.enabled)  (ray.latents)
             ─► driver: completion record per input
     all inputs recorded ─► global dedup ─► shards, index.json, stats.json, rejected.jsonl, _SUCCESS
 
@@ -32,7 +32,7 @@ from . import io as vio
 from .config import CurateConfig, config_fingerprint, storage_options
 from .sources import SourceItem, list_sources
 from .stages.clip import InputResult, process_video
-from .stages.latents import LatentEncoder, check_latents
+from .stages.latents import LatentEncoder, actor_device, check_latents
 from .stages.models import Captioner, ModelFilters, attach_source_captions
 from .stages.probe import Rejected
 from .writer import RecordError, finalize, finished_ids, remove_record, write_record
@@ -102,7 +102,7 @@ class _LatentActor:
 
 class _CaptionActor:
     def __init__(self, cfg):
-        self.fn = Captioner(cfg)
+        self.fn = Captioner(cfg, device=actor_device(cfg.ray.caption.gpus))
 
     def __call__(self, batch):
         return _repack_batch(self.fn(_unpack_batch(batch)))
@@ -167,8 +167,8 @@ class Progress:
             if res.probe is not None and not rej["decode"]:
                 self.kept["probe"] += 1
             self.kept["clip"] += res.entered.get("filter", 0)
-            self.kept["filter"] += len(res.clips) + rej["caption"]
-            self.kept["caption"] += len(res.clips)
+            self.kept["filter"] += len(res.clips) + rej["caption"] + rej["latents"]
+            self.kept["caption"] += len(res.clips) + rej["latents"]
             self.kept["record"] += len(res.clips)
             if self.p is not None:
                 for s, t in self.tasks.items():
@@ -281,18 +281,30 @@ def _stdin_detached() -> Iterator[None]:
             os.close(devnull)
 
 
-def check_resources(cfg: CurateConfig, cpus: float, uses_models: bool, uses_vlm: bool) -> None:
-    """Refuse a plan whose actor pools leave no CPU for the video tasks that feed them."""
-    held = (cfg.ray.model_actors * cfg.ray.model_actor_cpus if uses_models else 0) + \
-           (cfg.ray.caption_actors * cfg.ray.model_actor_cpus if uses_vlm else 0) + \
-           (cfg.ray.latents_actors * cfg.ray.model_actor_cpus if cfg.latents.enabled else 0)
+def actor_stages(cfg: CurateConfig, uses_models: bool, uses_vlm: bool) -> list[tuple[str, type]]:
+    """(name under ray., actor class) of the model-backed stages this run uses, in pipeline order."""
+    return [(name, actor) for name, actor, used in (("filters", _ModelFilterActor, uses_models),
+                                                    ("caption", _CaptionActor, uses_vlm),
+                                                    ("latents", _LatentActor, cfg.latents.enabled)) if used]
+
+
+def check_resources(cfg: CurateConfig, cpus: float, uses_models: bool, uses_vlm: bool,
+                    gpus: float = 0.0) -> None:
+    """Refuse a plan whose actor pools leave no CPU for the video tasks that feed them, or ask for
+    more GPUs than the cluster has (the pool would wait for them forever)."""
+    stages = [(name, getattr(cfg.ray, name)) for name, _ in actor_stages(cfg, uses_models, uses_vlm)]
+    held = sum(r.actors * r.cpus for _, r in stages)
     if held + cfg.ray.video_task_cpus > cpus + 1e-9:
         raise RuntimeError(
             f"the actor pools would hold {held:g} of {cpus:g} CPUs, leaving less than "
             f"ray.video_task_cpus={cfg.ray.video_task_cpus:g} for the video tasks that feed them, "
-            "which would stall the pipeline; lower ray.model_actors / ray.caption_actors / "
-            "ray.latents_actors / "
-            "ray.model_actor_cpus or give Ray more CPUs (ray.num_cpus)")
+            "which would stall the pipeline; lower " + " / ".join(f"ray.{n}.actors / ray.{n}.cpus" for n, _ in stages)
+            + " or give Ray more CPUs (ray.num_cpus)")
+    want = sum(r.actors * r.gpus for _, r in stages)
+    if want > gpus + 1e-9:
+        asked = ", ".join(f"ray.{n}: {r.actors} × {r.gpus:g}" for n, r in stages if r.gpus)
+        raise RuntimeError(f"the actor pools ask for {want:g} GPUs ({asked}) but the Ray cluster has "
+                           f"{gpus:g}; lower ray.<stage>.actors / ray.<stage>.gpus, or 0 GPUs to run on CPU")
 
 
 class CurationStopped(SystemExit):
@@ -459,15 +471,11 @@ def _add_actor_stages(ds, cfg, uses_models: bool, uses_vlm: bool):
     """The actor pools after the video tasks: model filters, VLM captions, latents (those in use)."""
     import ray
 
-    pools = [(_ModelFilterActor, cfg.ray.model_actors, 0.0)] if uses_models else []
-    if uses_vlm:
-        pools.append((_CaptionActor, cfg.ray.caption_actors, cfg.ray.caption_gpus))
-    if cfg.latents.enabled:
-        pools.append((_LatentActor, cfg.ray.latents_actors, cfg.ray.latents_gpus))
-    for actor, size, gpus in pools:
-        ds = ds.map_batches(actor, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.ray.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=size), num_cpus=cfg.ray.model_actor_cpus,
-                            batch_format="numpy", **({"num_gpus": gpus} if gpus else {}), **_NO_RESTARTS)
+    for name, actor in actor_stages(cfg, uses_models, uses_vlm):
+        r = getattr(cfg.ray, name)
+        ds = ds.map_batches(actor, fn_constructor_kwargs={"cfg": cfg}, batch_size=r.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=r.actors), num_cpus=r.cpus,
+                            batch_format="numpy", **({"num_gpus": r.gpus} if r.gpus else {}), **_NO_RESTARTS)
     return ds
 
 
@@ -481,7 +489,8 @@ def _run_ray(cfg, todo, options, uses_models, uses_vlm, display: str, echo) -> s
     if hasattr(ctx, "print_on_execution_start"):
         ctx.print_on_execution_start = False
     _quiet_ray_data_console()
-    check_resources(cfg, float(ray.cluster_resources().get("CPU", 0)), uses_models, uses_vlm)
+    total = ray.cluster_resources()
+    check_resources(cfg, float(total.get("CPU", 0)), uses_models, uses_vlm, float(total.get("GPU", 0)))
 
     def video_stage(row: dict) -> dict:
         item = SourceItem.from_row(row)

@@ -13,7 +13,9 @@ including file), then the file itself, then the dotted command-line overrides su
 
 Every field is declared with :func:`setting`, which records its help text and its allowed values
 (``choices``, ``min``, ``max``). Unknown keys, wrong types and out-of-range values all raise one
-:class:`ConfigError` that names the key, the value given and what is allowed.
+:class:`ConfigError` that names the key, the value given and what is allowed. A section whose keys
+moved lists them in a ``RENAMED`` class variable (old key → new key(s)); setting an old key is an
+error naming each new one.
 """
 from __future__ import annotations
 
@@ -119,6 +121,10 @@ def from_dict(schema, data: dict, prefix: str = ""):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema)}
+    renamed = getattr(schema, "RENAMED", {})  # ClassVar {old key: where its setting lives now}
+    moved = [f"{prefix}{key} → {renamed[key]}" for key in data if key in renamed and key not in fields]
+    if moved:
+        raise ConfigError(f"renamed config key(s): {'; '.join(moved)}; set the new one(s) instead")
     for key in data:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)

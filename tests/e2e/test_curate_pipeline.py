@@ -232,9 +232,12 @@ def test_bad_inputs_and_s3_output(ray_cluster, corpus, blip, s3_server, tmp_path
     cfg = load_curate_config(CONFIG, [f"input.path={manifest}", f"output.path={out}",
                                       f"caption.vlm_path={blip}", "caption.max_new_tokens=6",
                                       # three actor pools (filters, VLM, latents) on 2 CPUs
-                                      "ray.model_actor_cpus=0.3", "clip.max_size=64",
-                                      "latents.enabled=true", f"latents.vae_path={vae}",
-                                      f"latents.text_encoder_path={text}", "latents.max_text_length=8",
+                                      *[f"ray.{stage}.cpus=0.3" for stage in ("filters", "caption", "latents")],
+                                      "clip.max_size=64", "latents.enabled=true",
+                                      f"latents.encoders.vae_path={vae}", f"latents.encoders.text_encoder_path={text}",
+                                      "latents.encoders.text_encoder_kind=sentence", "latents.encoders.dtype=float32",
+                                      "latents.text={max_length: 8, dim: 16, pooled_dim: 16}",
+                                      "latents.buckets=[{height: 32, width: 48, frames: 5}]", "latents.fps=6",
                                       *_s3_overrides(s3_server)])
     stats = run(_with_credentials(cfg, s3_server), progress=False)
 
@@ -250,12 +253,13 @@ def test_bad_inputs_and_s3_output(ray_cluster, corpus, blip, s3_server, tmp_path
     for shard in index["shards"]:
         with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"curate-s3/shards/{shard['name']}"))) as tar:
             exts = {m.name.split(".", 1)[1] for m in tar.getmembers()}
-            assert exts == {"mp4", "json", "txt", "latent.npy", "text.npy", "text_mask.npy"}
+            assert exts == {"mp4", "json", "txt", "latent.npy", "text.npy", "text_mask.npy", "pooled.npy"}
             for m in tar.getmembers():
                 if m.name.endswith(".json"):
                     meta = json.loads(tar.extractfile(m).read())
                     assert meta["caption_source"] == "vlm:tiny-blip"  # no source captions given
-                    assert meta["latents"]["latent_shape"][:2] == [4, meta["num_frames"]]
+                    assert meta["latents"]["latent_shape"] == [4, 5, 16, 24]  # the 32×48×5 bucket
+                    assert meta["latents"]["text_encoder"]["encoders"][0]["name"] == "tiny-text"
                     sources.add(meta["source_uri"])
     assert sources == {str(good), "s3://curate-s3/raw/remote video.mp4"}
     # the report reads an s3:// output too
@@ -306,8 +310,11 @@ def _cfg_file(tmp_path, root, out, *more) -> str:
     """The synthetic config with ``_overrides(root, out)`` and ``more``, as a YAML file for the CLI."""
     cfg = {"include": CONFIG}
     for o in _overrides(root, str(out)) + list(more):
-        section, key = o.split("=", 1)[0].split(".")
-        cfg.setdefault(section, {})[key] = yaml.safe_load(o.split("=", 1)[1])
+        *sections, key = o.split("=", 1)[0].split(".")
+        node = cfg
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = yaml.safe_load(o.split("=", 1)[1])
     path = tmp_path / f"{os.path.basename(str(out))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -327,7 +334,7 @@ def _wait_for(pred, proc, timeout=120.0):
 def test_killed_run_resumes_to_the_same_bytes(curated, ray_cluster, tmp_path):
     root, ref = curated["root"], curated["out"]
     out = tmp_path / "resumed"
-    cfg_path = _cfg_file(tmp_path, root, out, "ray.batch_size=1")
+    cfg_path = _cfg_file(tmp_path, root, out, *[f"ray.{stage}.batch_size=1" for stage in ("filters", "caption")])
     done = out / "_work" / "done"
     n_inputs = curated["stats"]["counts"]["inputs"]
 

@@ -487,10 +487,26 @@ def test_resource_plan_leaves_a_cpu_for_video_tasks():
 
     cfg = load_curate_config(None, ["input.path=x", "output.path=y"])
     check_resources(cfg, 2.0, uses_models=True, uses_vlm=True)  # 0.5 + 0.5 + 1 task = 2
-    cfg.ray.model_actors = 2
-    with pytest.raises(RuntimeError, match="stall"):
+    cfg.ray.filters.actors = 2
+    with pytest.raises(RuntimeError, match="stall.*ray.filters.actors / ray.filters.cpus"):
         check_resources(cfg, 2.0, uses_models=True, uses_vlm=True)
     check_resources(cfg, 2.0, uses_models=True, uses_vlm=False)
+    cfg.latents.enabled, cfg.ray.latents.cpus, cfg.ray.latents.gpus = True, 0.0, 0.5
+    with pytest.raises(RuntimeError, match=r"ask for 0.5 GPUs \(ray.latents: 1 × 0.5\) but the Ray cluster has 0"):
+        check_resources(cfg, 2.0, uses_models=True, uses_vlm=False)
+    check_resources(cfg, 2.0, uses_models=True, uses_vlm=False, gpus=1.0)
+
+
+def test_latent_actor_runs_on_cpu_without_gpus_and_on_cuda_with_them(monkeypatch):
+    import torch
+
+    from data_pipeline.stages.latents import actor_device
+
+    assert actor_device(0.0) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (actor_device(0.0), actor_device(0.5)) == ("cpu", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert actor_device(1.0) == "cpu"  # asked for a GPU, none visible: CPU, with a warning
 
 
 def test_optional_stages_fail_clearly_when_unavailable(corpus):
@@ -507,20 +523,26 @@ def test_optional_stages_fail_clearly_when_unavailable(corpus):
         for _t, img in decode_rgb(os.path.join(root, "videos", "defects.mp4"), size=(256, 160)):
             det.push(img)
         assert len(det.finish()) == 3
-    cfg = _cfg(root, "/tmp/unused", "latents.enabled=true", "latents.vae_path=/v", "latents.text_encoder_path=/t")
-    with pytest.raises(LatentsNotAvailable, match="latents.vae_path"):
+    cfg = _cfg(root, "/tmp/unused", "latents.enabled=true", "latents.encoders.vae_path=/v",
+               "latents.encoders.text_encoder_path=/t")
+    with pytest.raises(LatentsNotAvailable, match="latents.encoders.vae_path"):
         check_latents(cfg)
 
 
 def test_latents_from_local_vae_and_text_encoder(tmp_path, corpus):
+    """Through the training stack (load_encoders): one bucket crop per clip, pooled.npy, the record.
+    tests/unit/test_precomputed_shards.py compares the latents with decode-mode training's."""
     root, _ = corpus
-    from data_pipeline.stages.latents import LatentEncoder, check_latents
+    from data_pipeline.stages.latents import LatentEncoder, LatentsNotAvailable, check_latents
     from data_pipeline.stages.models import Captioner
     from tests.helpers_models import save_tiny_latent_models
 
     vae, text = save_tiny_latent_models(str(tmp_path))
-    cfg = _cfg(root, str(tmp_path / "out"), "clip.max_size=64", "latents.enabled=true", f"latents.vae_path={vae}",
-               f"latents.text_encoder_path={text}", "latents.max_text_length=12")
+    lat_cfg = ["latents.enabled=true", f"latents.encoders.vae_path={vae}", f"latents.encoders.text_encoder_path={text}",
+               "latents.encoders.text_encoder_kind=sentence", "latents.encoders.dtype=float32",
+               "latents.text={max_length: 12, dim: 16, pooled_dim: 16}",
+               "latents.buckets=[{height: 32, width: 64, frames: 9}, {height: 32, width: 32, frames: 1}]"]
+    cfg = _cfg(root, str(tmp_path / "out"), "clip.max_size=64", *lat_cfg)
     check_latents(cfg)
     item = _item(root, "video_0000.mp4")
     res = process_video(os.path.join(root, "videos", "video_0000.mp4"), item, cfg)
@@ -530,16 +552,37 @@ def test_latents_from_local_vae_and_text_encoder(tmp_path, corpus):
         lat = np.load(io.BytesIO(clip.extra["latent.npy"]))
         txt = np.load(io.BytesIO(clip.extra["text.npy"]))
         mask = np.load(io.BytesIO(clip.extra["text_mask.npy"]))
-        # 64×40 clip → 64×40 VAE input (multiple of 2) → 4 × F × 20 × 32 latents
-        assert lat.dtype == np.float16 and lat.shape == (4, clip.meta["num_frames"], 20, 32)
-        assert txt.dtype == np.float16 and txt.shape == (12, 16) and mask.shape == (12,)
+        pooled = np.load(io.BytesIO(clip.extra["pooled.npy"]))
+        # 64×40 clip → the 32×64×9 bucket (closest aspect), 9 frames at 8 fps → 4 × 9 × 16 × 32 latents
+        assert lat.dtype == np.float16 and lat.shape == (4, 9, 16, 32)
+        assert txt.dtype == np.float16 and txt.shape == (12, 16) and mask.shape == (12,) and pooled.shape == (16,)
         assert 0 < mask.sum() < 12 and np.isfinite(lat).all()
-        assert clip.meta["latents"]["vae"] == "tiny-vae" and clip.meta["latents"]["text_encoder"] == "tiny-text"
+        rec = clip.meta["latents"]
+        assert rec["vae"]["name"] == "tiny-vae" and rec["text_encoder"]["encoders"][0]["name"] == "tiny-text"
+        assert rec["bucket"] == {"height": 32, "width": 64, "frames": 9} and len(rec["frames"]) == 9
     write_record(str(tmp_path / "out"), res)
     finalize(str(tmp_path / "out"), cfg, [item.source_id], fingerprint="f")
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
         names = tar.getnames()
-    assert {n.split(".", 1)[1] for n in names} == {"mp4", "json", "txt", "latent.npy", "text.npy", "text_mask.npy"}
+    assert {n.split(".", 1)[1] for n in names} == {"mp4", "json", "txt", "latent.npy", "text.npy", "text_mask.npy",
+                                                   "pooled.npy"}
+    # a clip too short for the video bucket is one frame of the image bucket; with none, it is rejected
+    short = _cfg(root, str(tmp_path / "out2"), "clip.max_size=64", *lat_cfg[:-1],
+                 "latents.buckets=[{height: 32, width: 64, frames: 90}, {height: 32, width: 32, frames: 1}]")
+    res = process_video(os.path.join(root, "videos", "video_0000.mp4"), item, short)
+    Captioner(short)([res], {item.source_id: item})
+    LatentEncoder(short)([res])
+    assert [np.load(io.BytesIO(c.extra["latent.npy"])).shape for c in res.clips] == [(4, 1, 16, 16)] * len(res.clips)
+    no_image = _cfg(root, str(tmp_path / "out3"), "clip.max_size=64", *lat_cfg[:-1],
+                    "latents.buckets=[{height: 32, width: 64, frames: 90}]")
+    res = process_video(os.path.join(root, "videos", "video_0000.mp4"), item, no_image)
+    n = len(res.clips)
+    Captioner(no_image)([res], {item.source_id: item})
+    LatentEncoder(no_image)([res])
+    assert not res.clips and [r["reason"] for r in res.rejections] == ["no_bucket"] * n
+    # the text shapes are those of the training config's data.text, checked when the actor starts
+    with pytest.raises(LatentsNotAvailable, match="set latents.text to data.text of the training config"):
+        LatentEncoder(_cfg(root, str(tmp_path / "out4"), *lat_cfg, "latents.text.dim=32"))
 
 
 def test_sources_from_an_s3_prefix(s3_server):

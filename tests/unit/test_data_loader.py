@@ -91,10 +91,11 @@ def test_frames_sampled_at_target_fps():
     """Frame i of the test clip is grey level 8·i: sampling 24 fps → 12 fps takes every other frame."""
     from vchitect.data.decode import decode_video
 
-    pix, b = decode_video(make_clip(64, 48, 20, fps=24), lambda i: Bucket(32, 32, 5), 12.0,
-                          np.random.default_rng(0))
+    pix, b, frames = decode_video(make_clip(64, 48, 20, fps=24), lambda i: Bucket(32, 32, 5), 12.0,
+                                  np.random.default_rng(0))
     levels = pix.astype(float).mean(axis=(0, 2, 3)) / 8
     assert pix.shape == (3, 5, 32, 32) and pix.dtype == np.uint8
+    assert np.diff(frames).tolist() == [2, 2, 2, 2]  # the source frames it reports
     assert np.allclose(np.diff(levels), 2.0, atol=0.2), levels
 
 

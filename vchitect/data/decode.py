@@ -77,8 +77,9 @@ def frame_indices(info: VideoInfo, frames: int, fps: float, rng: np.random.Gener
 
 
 def decode_video(data: bytes, choose: Callable[[VideoInfo], Optional[Bucket]], fps: float,
-                 rng: np.random.Generator, threads: int = 1) -> tuple[np.ndarray, Bucket]:
-    """Decode the frames ``choose(info)``'s bucket needs → (uint8 3×F×H×W, bucket)."""
+                 rng: np.random.Generator, threads: int = 1) -> tuple[np.ndarray, Bucket, list[int]]:
+    """Decode the frames ``choose(info)``'s bucket needs → (uint8 3×F×H×W, bucket, the source frame
+    index of each of the F frames)."""
     import av
 
     try:
@@ -131,7 +132,7 @@ def decode_video(data: bytes, choose: Callable[[VideoInfo], Optional[Bucket]], f
                             f"{len(slots)} sampled frames decoded)")
     finally:
         container.close()
-    return clip, bucket
+    return clip, bucket, wanted
 
 
 def decode_image(data: bytes, choose: Callable[[VideoInfo], Optional[Bucket]]) -> tuple[np.ndarray, Bucket]:

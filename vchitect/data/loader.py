@@ -7,7 +7,9 @@
 
 SP/TP ranks pass their group's ``dp_rank`` and therefore receive identical batches. Iterate one
 iterator at a time: each ``iter(loader)`` starts worker processes from the state of the batches
-delivered so far.
+delivered so far. A fatal data error in a worker (:class:`~vchitect.data.provenance.EncoderMismatch`:
+a precomputed shard made with other encoders) reaches the main process as one more item holding its
+message, and is raised there as the same error with the same message (no worker traceback in it).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
+from .provenance import EncoderMismatch
 from .sources import list_shards, local_source_problem, source_error
 from .stream import WorkerStream, fresh_state
 
 log = logging.getLogger("vchitect.data")
 STATE_VERSION = 1
+FATAL = "_fatal"  # the item a worker sends instead of a batch when it stops on a fatal data error
 
 
 def _as_is(batch: dict) -> dict:  # batches are collated in the worker; keep tuples as tuples
@@ -43,8 +47,10 @@ class _Streams(IterableDataset):
         info = get_worker_info()
         w = ((info.id if info else 0) + self.rotation) % self.workers
         g = self.dp_rank * self.workers + w
-        return iter(WorkerStream(self.cfg, self.shards, g, self.dp_size * self.workers,
-                                 self.states.get(w)))
+        try:
+            yield from WorkerStream(self.cfg, self.shards, g, self.dp_size * self.workers, self.states.get(w))
+        except EncoderMismatch as exc:  # DataLoader would re-raise it wrapped in the worker's traceback
+            yield {FATAL: str(exc)}
 
 
 class ShardLoader:
@@ -78,6 +84,8 @@ class ShardLoader:
                         multiprocessing_context="fork" if nw else None)
         self._t0 = self._t0 or time.perf_counter()
         for batch in dl:
+            if FATAL in batch:
+                raise EncoderMismatch(batch[FATAL])
             meta = batch.pop("_loader")
             self._states[meta["g"] - self.dp_rank * self.workers] = meta["state"]
             self._consumed += 1

@@ -1,8 +1,10 @@
 """Turn one raw shard sample (``{ext: bytes}``) into a training sample, or raise :class:`BadSample`.
 
 Decode mode: ``mp4`` (or ``jpg``/``png``/``webp``) + ``txt`` → uint8 pixels 3×F×H×W of a bucket.
-Precomputed mode: ``latent.npy`` (C×F'×H'×W'), ``text.npy`` (L×D), ``text_mask.npy`` (L), optional
-``pooled.npy`` (P) + ``txt`` → float tensors. Auto mode picks per sample (latent.npy present or not).
+Precomputed mode: ``latent.npy`` (C×F'×H'×W'), ``text.npy`` (L×D), ``text_mask.npy`` (L),
+``pooled.npy`` (P) + ``txt`` → float tensors; a sample whose json records other encoders than
+``data.encoders`` names raises :class:`~vchitect.data.provenance.EncoderMismatch` (fatal, not
+skipped). Auto mode picks per sample (latent.npy present or not).
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import io
 import zlib
 from dataclasses import dataclass, field
+from typing import Optional
+
 import numpy as np
 
 from .buckets import Bucket, choose_bucket, latent_shape
 from .config import DataConfig
 from .decode import BadSample, decode_image, decode_video
+from .provenance import check_record, configured_encoders, sample_meta
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -26,6 +31,7 @@ class Sample:
     bucket: Bucket
     kind: str  # "pixels" | "latents"
     arrays: dict = field(default_factory=dict)  # pixels | latents, text, text_mask, pooled
+    frames: Optional[list] = None  # decode mode, video: the source frame index of each frame
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -65,34 +71,53 @@ class SampleDecoder:
         self.buckets = [Bucket(b.height, b.width, b.frames) for b in cfg.buckets]
         self.latent_buckets = {latent_shape(b, cfg.latent_channels, cfg.vae_spatial_factor,
                                             cfg.vae_temporal_factor): b for b in reversed(self.buckets)}
+        self._encoders: Optional[dict] = None  # configured_encoders(cfg), once a record needs it
 
-    def __call__(self, key: str, members: dict, epoch: int) -> Sample:
+    def _draw(self, key: str, epoch: int) -> tuple[np.random.Generator, bool]:
+        """The sample's generator and its image-ratio pick (its first draw; frames come next)."""
         rng = sample_rng(self.cfg.seed, epoch, key)
-        as_image = bool(rng.random() < self.cfg.image_ratio)
+        return rng, bool(rng.random() < self.cfg.image_ratio)
+
+    def __call__(self, key: str, members: dict, epoch: int, shard: str = "?") -> Sample:
+        rng, as_image = self._draw(key, epoch)
         caption = _caption(members)
         mode = self.cfg.mode
         if mode == "auto":
             mode = "precomputed" if "latent.npy" in members else "decode"
         if mode == "precomputed":
-            return self._precomputed(key, caption, members, as_image)
+            return self._precomputed(key, caption, members, as_image, shard)
         return self._decode(key, caption, members, as_image, rng)
+
+    def decode_clip(self, key: str, mp4: bytes, epoch: int = 0, image: bool = False) -> Sample:
+        """The crop decode mode reads from sample ``key``'s ``mp4`` in ``epoch`` — its bucket and
+        frame window — as a video (or, ``image``, as one frame) whatever the image-ratio pick: what
+        the curation latents stage encodes, for epoch 0."""
+        rng, _ = self._draw(key, epoch)
+        return self._decode(key, "", {"mp4": mp4}, image, rng)
 
     def _decode(self, key, caption, members, as_image, rng) -> Sample:
         cfg = self.cfg
         img = next((e for e in IMAGE_EXTS if e in members), None)
+        frames = None
         if img is not None and "mp4" not in members:
             pixels, bucket = decode_image(members[img], lambda i: choose_bucket(
                 self.buckets, i.width, i.height, None, cfg.fps, image=True))
         elif "mp4" in members:
-            pixels, bucket = decode_video(members["mp4"], lambda i: choose_bucket(
+            pixels, bucket, frames = decode_video(members["mp4"], lambda i: choose_bucket(
                 self.buckets, i.width, i.height, i.span, cfg.fps, image=as_image),
                 cfg.fps, rng, cfg.decode_threads)
         else:
             raise BadSample("missing_member", "no mp4 or image")
-        return Sample(key, caption, bucket, "pixels", {"pixels": pixels})
+        return Sample(key, caption, bucket, "pixels", {"pixels": pixels}, frames)
 
-    def _precomputed(self, key, caption, members, as_image) -> Sample:
+    def _precomputed(self, key, caption, members, as_image, shard) -> Sample:
         cfg = self.cfg
+        meta = sample_meta(members)
+        if meta is not None and isinstance(meta.get("latents"), dict) and (
+                cfg.encoders.text_encoder_path or cfg.encoders.vae_path):
+            if self._encoders is None:
+                self._encoders = configured_encoders(cfg)
+            check_record(meta, self._encoders, f"shard {shard}, sample {key}")
         lat = _npy(members, "latent.npy")
         if lat.ndim != 4 or tuple(lat.shape) not in self.latent_buckets or lat.dtype.kind != "f":
             raise BadSample("bad_latent", f"latent.npy {lat.dtype}{tuple(lat.shape)} matches no bucket "
@@ -114,15 +139,24 @@ class SampleDecoder:
             mask = np.concatenate([mask, np.zeros(L - mask.shape[0], bool)])
         if "pooled.npy" in members:
             pooled = _npy(members, "pooled.npy").astype(np.float32).reshape(-1)
-        elif cfg.text.pooled_dim == D:  # no pooled member: masked mean of the hidden states
+        elif self._masked_mean_pools(meta, D):  # the t5 kind's pooled vector
             pooled = (text * mask[:, None]).sum(0) / max(1, mask.sum())
         else:
-            raise BadSample("missing_member", f"no pooled.npy (P={cfg.text.pooled_dim} != D={D})")
+            raise BadSample("missing_member", f"no pooled.npy (a shard with a latents record always has one; "
+                            f"without, the masked-mean stand-in needs P == D and text_encoder_kind t5: "
+                            f"P={cfg.text.pooled_dim}, D={D}, kind {cfg.encoders.text_encoder_kind})")
         if pooled.shape != (cfg.text.pooled_dim,):
             raise BadSample("bad_text", f"pooled.npy {tuple(pooled.shape)} is not ({cfg.text.pooled_dim},)")
         return Sample(key, caption, bucket, "latents", {
             "latents": np.ascontiguousarray(lat, dtype=np.float32), "text": text, "text_mask": mask,
             "pooled": pooled.astype(np.float32)})
+
+    def _masked_mean_pools(self, meta: Optional[dict], D: int) -> bool:
+        """A shard without pooled.npy may stand in the masked mean of its hidden states — the pooled
+        vector of the t5 kind only (clip pools text_embeds, sentence normalises the mean) — when it
+        has no latents record (curation always writes pooled.npy) and P == D."""
+        recorded = meta is not None and isinstance(meta.get("latents"), dict)
+        return not recorded and self.cfg.text.pooled_dim == D and self.cfg.encoders.text_encoder_kind == "t5"
 
 
 def collate(samples: list[Sample]) -> dict:

@@ -106,7 +106,7 @@ class WorkerStream:
     # -- samples → batches --------------------------------------------------------------------
     def _process(self, url: str, index: int, key: str, members: dict, epoch: int) -> Optional[Sample]:
         try:
-            return self.decoder(key, members, epoch)
+            return self.decoder(key, members, epoch, shard=url)
         except BadSample as exc:
             self.st["skipped"][exc.reason] = self.st["skipped"].get(exc.reason, 0) + 1
             if (url, key) not in self.logged:

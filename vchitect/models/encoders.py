@@ -394,12 +394,17 @@ class VAEEncoder(nn.Module):
         return (z - self.shift) * self.scaling
 
 
+def vae_folder(path: str | Path) -> Path:
+    """The folder :func:`load_vae` reads for ``path`` (its ``vae/`` in a pipeline folder), unloaded."""
+    return _folder(path, "vae")
+
+
 def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32",
              sample_posterior: bool = False) -> VAEEncoder:
     """A :class:`VAEEncoder` from a local diffusers VAE folder (the class is read from config.json)."""
     import diffusers
 
-    p = _folder(path, "vae")
+    p = vae_folder(path)
     name = json.loads((p / "config.json").read_text()).get("_class_name", "AutoencoderKL")
     cls = getattr(diffusers, name, None)
     if cls is None:

@@ -6,10 +6,12 @@ config or a path is one ``config error: …`` line with exit code 2, not a trace
 
 What is checked: the data fits the model; the parallel layout fits the world; every local data
 source holds at least one shard (``s3://`` sources are listed by the ranks, whose loader raises
-the same error); the encoder folders exist; ``train.init_from`` names safetensors files that exist; an explicit
+the same error); the encoder folders exist; precomputed shards were made with the encoders
+``data.encoders`` names (the first sample of each local source's first shard; the loader checks
+every sample); ``train.init_from`` names safetensors files that exist; an explicit
 ``train.resume`` is a checkpoint whose files have the sizes its manifest records and whose
 metadata reads (the ranks then also check the SHA-256s, sharing the hashing). Everything here is
-cheap: no tensor is read, no folder is listed in full.
+cheap: no tensor is read, no model loaded, no folder listed in full but a local source's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def preflight(cfg: Config, world_size: int):
     dims = cfg.parallel.dims(world_size=world_size, num_heads=cfg.model.num_attention_heads)
     check_data_sources(cfg)
     check_encoder_folders(cfg)
+    check_precomputed_encoders(cfg)
     check_init_from(cfg.train.init_from)
     check_resume(cfg.train.resume)
     return dims
@@ -79,6 +82,14 @@ def check_sd3_widths(cfg: Config) -> None:
         raise ConfigError(f"data.text.pooled_dim={t.pooled_dim} does not match the sd3 text encoder's pooled width "
                           f"{pooled} (the CLIP-L and CLIP-G projections); set data.text.pooled_dim and "
                           f"model.pooled_projection_dim to {pooled}")
+
+
+def check_precomputed_encoders(cfg: Config) -> None:
+    """:class:`~vchitect.data.provenance.EncoderMismatch` (a ConfigError) for local shards encoded
+    with other encoders than ``data.encoders`` names."""
+    from vchitect.data.provenance import check_first_samples
+
+    check_first_samples(cfg.data)
 
 
 def check_init_from(spec: str | None) -> None:
