@@ -252,10 +252,13 @@ class CurateConfig:
         if bool(self.filters.aesthetic_clip_path) != bool(self.filters.aesthetic_head_path):
             raise ConfigError("filters.aesthetic_clip_path and filters.aesthetic_head_path must be "
                               "set together (or both null to turn the aesthetic filter off)")
+        from vchitect.data.encode import text_encoder_configured
+
         e = self.latents.encoders
-        if self.latents.enabled and not (e.vae_path and e.text_encoder_path):
+        if self.latents.enabled and not (e.vae_path and text_encoder_configured(self.latents)):
             raise ConfigError("latents.enabled=true needs latents.encoders.vae_path and "
-                              "latents.encoders.text_encoder_path (copy data.encoders of the training config)")
+                              "latents.encoders.text_encoder_path (for kind sd3: or clip_l_path, clip_g_path "
+                              "and t5_path) — copy data.encoders of the training config")
         if self.latents.enabled and not self.latents.buckets:
             raise ConfigError("latents.buckets is empty; copy data.buckets of the training config")
 

@@ -43,7 +43,11 @@ def check_latents(cfg) -> None:
     if not cfg.latents.enabled:
         return
     e = cfg.latents.encoders
-    for key in ("vae_path", "text_encoder_path", "pooled_encoder_path"):
+    keys = ["vae_path", "text_encoder_path", "pooled_encoder_path"]
+    if e.text_encoder_kind == "sd3":  # a pipeline folder, or the three separate ones
+        keys = ["vae_path"] + ([] if e.text_encoder_path is None and e.clip_l_path else ["text_encoder_path"]) + \
+            [k for k in ("clip_l_path", "clip_g_path", "t5_path") if getattr(e, k)]
+    for key in keys:
         path = getattr(e, key)
         if (path or key != "pooled_encoder_path") and not (path and os.path.isdir(path)):
             raise LatentsNotAvailable(f"latents.encoders.{key}={path!r} is not a local model folder; set it "

@@ -38,14 +38,16 @@ def configured_encoders(cfg: DataConfig) -> dict:
     ``vae`` ({name, revision}). Reads config.json and a few MiB of each weight file, loads nothing."""
     from vchitect.models.encoders import folder_identity, text_encoder_folders, vae_folder
 
+    from .encode import text_encoder_configured
+
     e, out = cfg.encoders, {}
-    if e.text_encoder_path:
-        folders = text_encoder_folders(e.text_encoder_path, e.text_encoder_kind, e.pooled_encoder_path)
+    if text_encoder_configured(cfg):
+        folders = text_encoder_folders(e.text_encoder_path, e.text_encoder_kind, e.pooled_encoder_path,
+                                       clip_l_path=e.clip_l_path, clip_g_path=e.clip_g_path, t5_path=e.t5_path)
         out["text_encoder"] = {"kind": e.text_encoder_kind, "max_length": cfg.text.max_length,
                                "encoders": [folder_identity(f) for f in folders]}
-        masks = getattr(cfg.text, "masks", None)
-        if masks is not None:
-            out["text_encoder"]["masks"] = masks
+        if e.text_encoder_kind == "sd3":  # the one kind with a mask mode (as describe() records it)
+            out["text_encoder"]["masks"] = cfg.text.masks
     if e.vae_path:
         out["vae"] = folder_identity(vae_folder(e.vae_path))
     return out
@@ -91,8 +93,9 @@ def check_record(meta: Optional[dict], expected: dict, where: str) -> None:
     text, want = rec.get("text_encoder"), expected.get("text_encoder")
     if isinstance(text, dict) and want is not None and not _same_text(text, want):
         problems.append(f"its text.npy / text_mask.npy / pooled.npy were encoded with text encoder "
-                        f"[{_text_summary(text)}], but data.encoders.text_encoder_path (with "
-                        f"text_encoder_kind, pooled_encoder_path and data.text) names [{_text_summary(want)}]")
+                        f"[{_text_summary(text)}], but data.encoders.text_encoder_path (or the sd3 "
+                        f"clip_l_path / clip_g_path / t5_path, with text_encoder_kind, pooled_encoder_path and "
+                        f"data.text) names [{_text_summary(want)}]")
     vae, want = rec.get("vae"), expected.get("vae")
     if isinstance(vae, dict) and want is not None and vae.get("revision") != want["revision"]:
         problems.append(f"its latent.npy was encoded with VAE {vae.get('name')}@{vae.get('revision')}, "
@@ -108,7 +111,9 @@ def check_first_samples(cfg: DataConfig) -> None:
 
     from .sources import list_shards, read_shard
 
-    if cfg.source != "shards" or cfg.mode == "decode" or not (cfg.encoders.text_encoder_path
+    from .encode import text_encoder_configured
+
+    if cfg.source != "shards" or cfg.mode == "decode" or not (text_encoder_configured(cfg)
                                                                or cfg.encoders.vae_path):
         return
     expected = None
