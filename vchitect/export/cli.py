@@ -126,6 +126,12 @@ def cmd_sample(args) -> int:
     fastercache = FasterCacheConfig() if args.fastercache else None
     freeinit = FreeInitConfig(reinits=args.freeinit, filter=args.freeinit_filter) if args.freeinit else None
     generator = torch.Generator().manual_seed(args.seed)
+    if rank == 0:  # what the preset and flags resolved to, before the (possibly long) run
+        size = f"{args.height}×{args.width}" if args.height and args.width else "the model's sample size"
+        print(f"sampling {args.frames} frames at {size}: {args.steps} steps, guidance {args.guidance_scale:g} "
+              f"({args.guidance_schedule}), timestep spacing {args.timestep_spacing}, transformer "
+              f"{str(next(pipe.transformer.parameters()).dtype).removeprefix('torch.')}, seed {args.seed}",
+              flush=True)
     try:
         video = pipe(args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,
                      width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
