@@ -211,11 +211,13 @@ def summarise(results: dict) -> str:
         slope_hwm = (wb["hwm"] - wa["hwm"]) / dl
         slope_held = (wb["local_bytes"] - wa["local_bytes"]) / dl
         n = target_layers - rb["layers"]
-        hwm = wb["hwm"] + n * slope_hwm
+        # a layer's weights stay resident, so the peak grows at least by what a layer adds to the held bytes
+        slope = max(slope_hwm, slope_held)
+        hwm = wb["hwm"] + n * slope
         held = wb["local_bytes"] + n * slope_held
         lines.append(f"{label}: per layer +{slope_hwm / GiB:.4f} GiB peak, +{slope_held / GiB:.4f} GiB held "
                      f"({a} → {b}); {target_layers} layers: peak {wb['hwm'] / GiB:.3f} + {n} × "
-                     f"{slope_hwm / GiB:.4f} = {hwm / GiB:.3f} GiB/rank, held {held / GiB:.3f} GiB/rank")
+                     f"{slope / GiB:.4f} = {hwm / GiB:.3f} GiB/rank, held {held / GiB:.3f} GiB/rank")
         return hwm, held
 
     extrapolate("2b-full-L2", "2b-full-L4", 24, "2B today (2 ranks)")

@@ -183,7 +183,8 @@ class CheckpointSlices:
     only the pages of that box are touched, so a rank reads just its shard, and the ranks of a node
     share the page cache (each tensor comes from disk at most once per node). Touched pages count
     in a process's resident memory while the file is mapped, so a file is closed and re-mapped
-    after every ``remap_bytes`` of reads, which bounds that part to about ``remap_bytes``.
+    after every ``remap_bytes`` of reads, and closed when reading moves on to another file, which
+    bounds that part to about ``remap_bytes``.
     """
 
     def __init__(self, path: str | Path, remap_bytes: int = 64 << 20):
@@ -209,6 +210,7 @@ class CheckpointSlices:
             return
         handle = self._handles.get(file)
         if handle is None:
+            self._handles.clear()  # reads go file by file: drop the maps of the others
             handle = self._handles[file] = [self._open(file), 0]
         part = handle[0].get_slice(key)[box] if shape else handle[0].get_tensor(key)
         dest.copy_(part.reshape(dest.shape))
