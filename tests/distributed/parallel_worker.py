@@ -236,7 +236,7 @@ def meta_checkpoints(model_kw: dict, folder: Path) -> dict:
     any init; written by rank 0 once per shape."""
     key = json.dumps(model_kw, sort_keys=True)
     if key not in _CHECKPOINTS:
-        out = folder / f"ckpt{len(_CHECKPOINTS)}"
+        out = folder / f"meta-ckpt-world{dist.get_world_size()}-{len(_CHECKPOINTS)}"  # groups share folder
         if dist.get_rank() == 0:
             from safetensors.torch import save_file
 
