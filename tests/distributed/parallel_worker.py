@@ -4,7 +4,9 @@ Launched by ``tests/distributed/test_parallel_layouts.py`` (``python parallel_wo
 with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set). For every case it builds the tiny
 model from the same seed, runs a single-process reference on the global batch, parallelizes a
 copy with the case's layout, and compares the loss and every gradient after one step and every
-parameter after three AdamW steps. Rank 0 writes one JSON record per case to ``--out``.
+parameter after three AdamW steps. It then checks meta-device init with the case's layout: the
+local shards of meta init + sharded load (random init, a released-format checkpoint, an SD3
+checkpoint) against those of the full-build path. Rank 0 writes one JSON record per case to ``--out``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -152,6 +155,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / denom if denom > 0 else diff
 
 
+def case_config(opts: dict) -> ParallelConfig:
+    return ParallelConfig(activation_checkpointing=opts.get("ac", "none"), ac_ratio=opts.get("ratio", 0.5),
+                          activation_offload=opts.get("offload", False), compile="off",
+                          cpu_offload=opts.get("cpu_offload", False))
+
+
 def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
     frames, height, width = opts.get("frames", 3), opts.get("height", 16), opts.get("width", 16)
     ref = build_model(**opts.get("model", {}))
@@ -175,10 +184,7 @@ def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
         ref_opt.zero_grad(set_to_none=True)
 
     dims = ParallelDims(world_size=world, **layout)
-    cfg = ParallelConfig(activation_checkpointing=opts.get("ac", "none"), ac_ratio=opts.get("ratio", 0.5),
-                         activation_offload=opts.get("offload", False), compile="off",
-                         cpu_offload=opts.get("cpu_offload", False))
-    parallelize(model, dims, cfg, device_type="cpu")
+    parallelize(model, dims, case_config(opts), device_type="cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, eps=ADAM_EPS)
     rows = data_parallel_slice(GLOBAL_BATCH, dims)
     losses, grad_errs, none_mismatch = [], {}, []
@@ -216,6 +222,84 @@ def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
     )
 
 
+# ------------------------------------------------------------------ meta-device init
+# Uneven shards: the MLP width 86 splits 22/22/22/20 over 4 ranks and 43 → 22/21 under TP 2 + FSDP 2;
+# proj_out has 3 rows (patch 1, 3 channels), so one of 4 FSDP ranks holds an empty shard.
+META_MODEL = dict(mlp_ratio=2.7, patch_size=1, in_channels=3)
+META_SEED = 5
+_CHECKPOINTS: dict = {}
+
+
+def meta_checkpoints(model_kw: dict, folder: Path) -> dict:
+    """A released-format checkpoint (bf16, two files and an index, with the position table) and an
+    SD3-style one (fp32, one file, image-model keys only) of this model shape, with values unlike
+    any init; written by rank 0 once per shape."""
+    key = json.dumps(model_kw, sort_keys=True)
+    if key not in _CHECKPOINTS:
+        out = folder / f"meta-ckpt-world{dist.get_world_size()}-{len(_CHECKPOINTS)}"  # groups share folder
+        if dist.get_rank() == 0:
+            from safetensors.torch import save_file
+
+            from vchitect.models.weights import INDEX_NAME, VIDEO_ONLY
+
+            g = torch.Generator().manual_seed(11)
+            own = VchitectTransformer3DModel(**model_kw).state_dict()
+            state = {k: v + torch.randn(v.shape, generator=g) for k, v in own.items()}
+            (out / "released").mkdir(parents=True)
+            keys = sorted(state)
+            files = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+                     "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+            for file, part in files.items():
+                save_file({k: state[k].to(torch.bfloat16).contiguous() for k in part}, str(out / "released" / file))
+            (out / "released" / INDEX_NAME).write_text(json.dumps(
+                {"weight_map": {k: file for file, part in files.items() for k in part}}))
+            sd3 = {k: v.contiguous() for k, v in state.items()
+                   if k != "pos_embed.pos_embed" and not any(f".{part}." in k for part in VIDEO_ONLY)}
+            save_file(sd3, str(out / "sd3.safetensors"))
+        dist.barrier()
+        _CHECKPOINTS[key] = {"vchitect2": out / "released", "sd3": out / "sd3.safetensors"}
+    return _CHECKPOINTS[key]
+
+
+def local_tensors(model) -> dict:
+    from vchitect.parallel.meta_init import local_part
+
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {n: (local_part(t)[0], tuple(getattr(t, "placements", ()))) for n, t in named}
+
+
+def run_meta_case(layout: dict, opts: dict, world: int, folder: Path) -> dict:
+    """Meta init + sharded load against the full-build path, per source: every local shard (and
+    buffer) must be bitwise equal, with the same placements."""
+    from vchitect.models.weights import init_from_sd3, load_vchitect2, open_initial_weights
+    from vchitect.parallel.meta_init import build_on_meta, materialize
+
+    model_kw = {**TINY, **opts.get("model", {}), **META_MODEL}
+    paths = meta_checkpoints(model_kw, folder)
+    result = {}
+    for source in ("random", "vchitect2", "sd3"):
+        torch.manual_seed(META_SEED)
+        ref = VchitectTransformer3DModel(**model_kw)
+        if source != "random":
+            (load_vchitect2 if source == "vchitect2" else init_from_sd3)(paths[source], ref)
+        parallelize(ref, ParallelDims(world_size=world, **layout), case_config(opts), device_type="cpu")
+        expected = local_tensors(ref)
+
+        model, record = build_on_meta(lambda: VchitectTransformer3DModel(**model_kw))
+        weights = None if source == "random" else open_initial_weights(source, paths[source], model)
+        parallelize(model, ParallelDims(world_size=world, **layout), case_config(opts), device_type="cpu")
+        loaded = materialize(model, record, "cpu", seed=META_SEED, weights=weights)
+        got = local_tensors(model)
+        mismatch = sorted(n for n in expected if n not in got or got[n][1] != expected[n][1]
+                          or not torch.equal(got[n][0], expected[n][0]))
+        result[source] = dict(mismatch=mismatch, checked=len(expected), loaded=len(loaded),
+                              sharded=sum(bool(p) for _, p in expected.values()),
+                              local_elements=sum(t.numel() for t, _ in got.values()),
+                              elements=sum(t.numel() for t in ref.state_dict().values()))
+        del ref, model
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -230,13 +314,17 @@ def main() -> None:
         w, layout, opts = everything[name]
         try:
             rec = run_rng_case(name, layout, world) if opts is None else run_case(name, layout, opts, world)
+            if opts is not None:
+                t0 = time.time()
+                rec["meta"] = run_meta_case(layout, opts, world, Path(args.out).parent)
+                rec["meta_seconds"] = round(time.time() - t0, 2)
         except Exception as exc:  # record and go on, so one broken layout does not hide the others
             rec = dict(name=name, ok=False, error=f"{type(exc).__name__}: {exc}",
                        traceback=traceback.format_exc()[-3000:])
         records.append(rec)
         if rank == 0:
             print(json.dumps({k: rec.get(k) for k in ("name", "ok", "loss_err", "grad_err", "param_err",
-                                                       "seconds", "error")}), flush=True)
+                                                       "seconds", "meta_seconds", "error")}), flush=True)
         dist.barrier()
     if rank == 0:
         with open(args.out, "w") as f:

@@ -6,7 +6,8 @@ every gradient after one step, and every parameter after three AdamW steps, with
 error (per-tensor norm) in fp32; parameters without gradient (F = 1 temporal branch, the last
 block's unused text projections) must be without gradient in both runs. The same groups also
 check that noise, dropout seeds and batch rows are shared inside SP/TP groups and differ across
-data-parallel groups.
+data-parallel groups, and, per layout, that meta-device init + sharded loading gives local shards
+bitwise equal to the full-build path's (random init, a released-format checkpoint, SD3 init).
 """
 
 from __future__ import annotations
@@ -63,3 +64,22 @@ def test_rng_and_data_follow_data_parallel_groups(name, layout_results):
     rec = layout_results(world)[name]
     assert rec["ok"], rec.get("traceback")
     assert rec["rng_ok"], f"{name} {layout}: " + "; ".join(rec["problems"])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_meta_init_matches_full_build(name, layout_results):
+    world, layout, opts = CASES[name]
+    rec = layout_results(world)[name]
+    assert rec["ok"], f"{name} {layout} {opts} raised:\n{rec.get('traceback')}"
+    meta = rec["meta"]
+    for source, loaded in (("random", 0), ("vchitect2", meta["random"]["checked"]), ("sd3", None)):
+        r = meta[source]
+        assert not r["mismatch"], f"{name} {source}: local shards differ from the full build: {r['mismatch'][:5]}"
+        assert r["checked"] > 90 and r["checked"] == meta["random"]["checked"], f"{name} {source}: {r}"
+        if loaded is not None:
+            assert r["loaded"] == loaded, f"{name} {source}: {r['loaded']} tensors read from the checkpoint"
+    # SD3 leaves the video-only parameters and the position table to the constructor
+    assert 0 < meta["sd3"]["loaded"] < meta["vchitect2"]["loaded"]
+    if layout.get("tp", 1) > 1 or layout.get("dp_shard", 1) * layout.get("sp", 1) > 1:
+        r = meta["random"]
+        assert r["sharded"] > 50 and r["local_elements"] < r["elements"], f"{name}: nothing was sharded: {r}"

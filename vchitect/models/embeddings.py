@@ -4,7 +4,7 @@ table, and the 1D rotary embedding over the frame index used by the temporal bra
 from __future__ import annotations
 
 import torch
-from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid, get_2d_sincos_pos_embed
+from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid
 from torch import nn
 
 
@@ -13,7 +13,8 @@ class PatchEmbed(nn.Module):
 
     The table covers ``pos_embed_max_size``² patches, built for ``base_size = sample_size //
     patch_size`` exactly as SD3 / Vchitect-2.0 do, and is centre-cropped to the frame's grid. It is
-    a persistent buffer (``pos_embed.pos_embed``) because the released checkpoints carry it.
+    a persistent buffer (``pos_embed.pos_embed``) because the released checkpoints carry it;
+    :meth:`reset_buffers` recomputes it in place (meta-device init materialises it empty).
     """
 
     def __init__(self, sample_size: int, patch_size: int, in_channels: int, embed_dim: int,
@@ -22,9 +23,15 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.pos_embed_max_size = pos_embed_max_size
         self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
-        table = get_2d_sincos_pos_embed(embed_dim, pos_embed_max_size, base_size=sample_size // patch_size,
-                                        interpolation_scale=1.0, output_type="pt")
-        self.register_buffer("pos_embed", table.float().unsqueeze(0), persistent=True)  # 1×(M·M)×D
+        self.base_size = sample_size // patch_size
+        table = torch.empty(1, pos_embed_max_size ** 2, embed_dim)
+        self.register_buffer("pos_embed", table, persistent=True)  # 1×(M·M)×D
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """(Re)compute the sin-cos table in place."""
+        fill_sincos_table(self.pos_embed, self.pos_embed_max_size, self.base_size)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid of a H×W latent, with the errors users hit when a shape does not fit."""
@@ -50,6 +57,23 @@ class PatchEmbed(nn.Module):
         gh, gw = self.grid(*frames.shape[-2:])
         x = self.proj(frames).flatten(2).transpose(1, 2)
         return (x + self.cropped_table(gh, gw)).to(x.dtype)
+
+
+def fill_sincos_table(out: torch.Tensor, grid_size: int, base_size: int) -> torch.Tensor:
+    """Write SD3's 2D sin-cos table of a ``grid_size``² patch grid into ``out`` (1×(M·M)×D).
+
+    Position (row r, column c) gets ``[e(x_c), e(x_r)]`` with ``x = arange(M) / (M / base_size)``
+    and ``e`` diffusers' 1D sin-cos embedding of D/2 channels (float64, then cast), which is what
+    ``get_2d_sincos_pos_embed`` computes — bitwise — but from the M distinct coordinates instead of
+    all M² positions: no M²×D float64 temporaries (≈ 1.9 GB at the 8B width).
+    """
+    M, D = grid_size, out.shape[-1]
+    coords = torch.arange(M, dtype=torch.float32, device=out.device) / (M / base_size)
+    e = get_1d_sincos_pos_embed_from_grid(D // 2, coords, output_type="pt").float()  # M×D/2 (cast on write)
+    table = out.view(M, M, D)  # rows × columns × channels
+    table[:, :, : D // 2] = e[None, :, :]  # column coordinate
+    table[:, :, D // 2:] = e[:, None, :]  # row coordinate
+    return out
 
 
 def frame_sincos_table(num_frames: int, dim: int, scaling_factor: float = 1.0, device=None) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Importing released weights: Vchitect-2.0 checkpoints and SD3 image transformers.
 
 Only safetensors files are read (never pickle). ``path`` may be a ``.safetensors`` file, a folder
-holding ``diffusion_pytorch_model.safetensors`` (or its sharded ``…safetensors.index.json``), or a
-diffusers model folder with ``config.json`` next to the weights.
+holding ``diffusion_pytorch_model.safetensors`` (or its sharded ``…safetensors.index.json``), a
+diffusers model folder with ``config.json`` next to the weights, or a pipeline folder (with
+``model_index.json``, such as ``vchitect export`` writes), whose ``transformer/`` is read.
 
 **Vchitect-2.0 mapping.** Our parameter names are the released ``VchitectXLTransformerModel``'s,
 so the mapping is the identity, and loading is strict: every released key must land on a
@@ -42,6 +43,13 @@ class WeightImportError(ValueError):
     """A checkpoint does not fit the model; the message names the key and what was expected."""
 
 
+def _transformer_folder(path: Path) -> Path:
+    """A pipeline folder (``model_index.json``, e.g. `vchitect export`'s) stands for its transformer/."""
+    if path.is_dir() and (path / "model_index.json").is_file() and (path / "transformer").is_dir():
+        return path / "transformer"
+    return path
+
+
 def weight_files(path: str | Path) -> list[Path]:
     """The safetensors file(s) that ``path`` names, each checked to exist; reads nothing but an index.
     Cheap enough to check a ``train.init_from`` path before any rank starts."""
@@ -49,6 +57,7 @@ def weight_files(path: str | Path) -> list[Path]:
     if not path.exists():
         raise WeightImportError(f"{path} does not exist; give a .safetensors file or a folder holding "
                                 f"{WEIGHTS_NAME} (or {INDEX_NAME} and its shards)")
+    path = _transformer_folder(path)
     if path.is_dir():
         index = path / INDEX_NAME
         if index.is_file():
@@ -82,6 +91,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _model_from_released_config(path: Path) -> Optional[VchitectTransformer3DModel]:
+    path = _transformer_folder(path)
     config_file = (path if path.is_dir() else path.parent) / "config.json"
     if not config_file.is_file():
         return None
@@ -94,13 +104,50 @@ def _model_from_released_config(path: Path) -> Optional[VchitectTransformer3DMod
     return VchitectTransformer3DModel(**kwargs)
 
 
-def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    own = model.state_dict()
-    for key, tensor in state.items():
-        if key in own and tuple(own[key].shape) != tuple(tensor.shape):
-            raise WeightImportError(f"{source}: key {key!r} has shape {tuple(tensor.shape)} but the model expects "
-                                    f"{tuple(own[key].shape)}; check that the model config matches the checkpoint")
-    return own
+def shapes_of(state) -> dict[str, tuple[int, ...]]:
+    """Key → shape of a state dict (meta tensors too)."""
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _check_shapes(own: dict, ckpt: dict, source: str) -> None:
+    for key, shape in ckpt.items():
+        if key in own and own[key] != shape:
+            raise WeightImportError(f"{source}: key {key!r} has shape {shape} but the model expects "
+                                    f"{own[key]}; check that the model config matches the checkpoint")
+
+
+def check_vchitect2(own: dict, ckpt: dict, source: str) -> None:
+    """A Vchitect-2.0 checkpoint (key → shape) must cover the model (key → shape) exactly."""
+    _check_shapes(own, ckpt, source)
+    missing = sorted(set(own) - set(ckpt) - OPTIONAL_BUFFERS)
+    unexpected = sorted(set(ckpt) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} model keys missing from the checkpoint (first: {missing[:5]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} checkpoint keys the model does not have (first: {unexpected[:5]})")
+        raise WeightImportError(f"{source} is not a Vchitect-2.0 checkpoint of this shape: " + "; ".join(parts))
+
+
+def check_sd3(own: dict, ckpt: dict, source: str) -> None:
+    """An SD3 checkpoint (key → shape) must cover every image-model key of the model and nothing else."""
+    if any(".attn2." in k for k in ckpt):
+        raise WeightImportError(f"{source} has dual-attention blocks (attn2, SD3.5-medium); they have no counterpart "
+                                f"in the Vchitect block. Use an SD3-medium or SD3.5-large style checkpoint")
+    _check_shapes(own, ckpt, source)
+    unexpected = sorted(set(ckpt) - set(own))
+    if unexpected:
+        raise WeightImportError(f"{source}: {len(unexpected)} SD3 keys have no place in this model (first: "
+                                f"{unexpected[:5]}); check num_layers and qk_norm against the SD3 config")
+    not_loaded = sorted(set(own) - set(ckpt) - OPTIONAL_BUFFERS)
+    stray = [k for k in not_loaded if not any(f".{part}." in k for part in VIDEO_ONLY)]
+    if stray:
+        raise WeightImportError(f"{source}: the SD3 checkpoint does not cover {len(stray)} image-model keys "
+                                f"(first: {stray[:5]}); is it the same width and depth?")
+
+
+CHECKS = {"vchitect2": check_vchitect2, "sd3": check_sd3}
 
 
 def load_vchitect2(path: str | Path, model: Optional[VchitectTransformer3DModel] = None) -> VchitectTransformer3DModel:
@@ -113,16 +160,7 @@ def load_vchitect2(path: str | Path, model: Optional[VchitectTransformer3DModel]
     state = read_state_dict(path)
     if model is None:
         model = _model_from_released_config(path) or VchitectTransformer3DModel()
-    own = _check_shapes(model, state, str(path))
-    missing = sorted(set(own) - set(state) - OPTIONAL_BUFFERS)
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} model keys missing from the checkpoint (first: {missing[:5]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} checkpoint keys the model does not have (first: {unexpected[:5]})")
-        raise WeightImportError(f"{path} is not a Vchitect-2.0 checkpoint of this shape: " + "; ".join(parts))
+    check_vchitect2(shapes_of(model.state_dict()), shapes_of(state), str(path))
     model.load_state_dict(state, strict=False)
     return model
 
@@ -131,18 +169,63 @@ def init_from_sd3(path: str | Path, model: VchitectTransformer3DModel) -> Vchite
     """Load an SD3 transformer into the spatial, text, embedding and MLP parts of ``model``."""
     path = Path(path)
     state = read_state_dict(path)
-    if any(".attn2." in k for k in state):
-        raise WeightImportError(f"{path} has dual-attention blocks (attn2, SD3.5-medium); they have no counterpart in "
-                                f"the Vchitect block. Use an SD3-medium or SD3.5-large style checkpoint")
-    own = _check_shapes(model, state, str(path))
-    unexpected = sorted(set(state) - set(own))
-    if unexpected:
-        raise WeightImportError(f"{path}: {len(unexpected)} SD3 keys have no place in this model (first: "
-                                f"{unexpected[:5]}); check num_layers and qk_norm against the SD3 config")
-    not_loaded = sorted(set(own) - set(state) - OPTIONAL_BUFFERS)
-    stray = [k for k in not_loaded if not any(f".{part}." in k for part in VIDEO_ONLY)]
-    if stray:
-        raise WeightImportError(f"{path}: the SD3 checkpoint does not cover {len(stray)} image-model keys "
-                                f"(first: {stray[:5]}); is it the same width and depth?")
+    check_sd3(shapes_of(model.state_dict()), shapes_of(state), str(path))
     model.load_state_dict(state, strict=False)
     return model
+
+
+# ------------------------------------------------------------------ reading parts of tensors
+class CheckpointSlices:
+    """The tensors of a safetensors checkpoint, read box by box (meta-device init).
+
+    Only headers are read on opening. :meth:`copy_into` copies one box of a tensor (a tuple of
+    slices, one per dimension) from ``safe_open``'s memory map straight into a destination tensor:
+    only the pages of that box are touched, so a rank reads just its shard, and the ranks of a node
+    share the page cache (each tensor comes from disk at most once per node). Touched pages count
+    in a process's resident memory while the file is mapped, so a file is closed and re-mapped
+    after every ``remap_bytes`` of reads, and closed when reading moves on to another file, which
+    bounds that part to about ``remap_bytes``.
+    """
+
+    def __init__(self, path: str | Path, remap_bytes: int = 64 << 20):
+        from safetensors import safe_open
+
+        self._open = lambda file: safe_open(str(file), framework="pt")
+        self.source = str(path)
+        self.remap_bytes = remap_bytes
+        self.entries: dict[str, tuple[Path, tuple[int, ...]]] = {}  # key → (file, shape)
+        for file in weight_files(path):
+            with self._open(file) as f:
+                for key in f.keys():
+                    self.entries[key] = (file, tuple(f.get_slice(key).get_shape()))
+        self._handles: dict[Path, list] = {}  # file → [handle, bytes read since it was opened]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: shape for k, (_, shape) in self.entries.items()}
+
+    def copy_into(self, key: str, box: tuple[slice, ...], dest: torch.Tensor) -> None:
+        """``dest.copy_(checkpoint[key][box])`` (cast to ``dest``'s dtype, like ``load_state_dict``)."""
+        file, shape = self.entries[key]
+        if dest.numel() == 0:
+            return
+        handle = self._handles.get(file)
+        if handle is None:
+            self._handles.clear()  # reads go file by file: drop the maps of the others
+            handle = self._handles[file] = [self._open(file), 0]
+        part = handle[0].get_slice(key)[box] if shape else handle[0].get_tensor(key)
+        dest.copy_(part.reshape(dest.shape))
+        handle[1] += part.numel() * part.element_size()
+        del part
+        if handle[1] >= self.remap_bytes:
+            del self._handles[file]  # drops the map (and its resident pages)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def open_initial_weights(kind: str, path: str | Path, model: torch.nn.Module) -> CheckpointSlices:
+    """The checkpoint of ``train.init_from`` (``kind`` vchitect2 or sd3), its keys and shapes checked
+    against ``model`` (which may be on the meta device) exactly as the full loaders check them."""
+    slices = CheckpointSlices(path)
+    CHECKS[kind](shapes_of(model.state_dict()), slices.shapes(), slices.source)
+    return slices

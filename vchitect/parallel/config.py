@@ -36,6 +36,10 @@ class ParallelConfig:
                                    "GPU, fp32 on CPU")
     cpu_offload: bool = setting(False, help="FSDP2 CPU offload of parameters, gradients and optimizer "
                                 "state (the optimizer step then runs on CPU)")
+    meta_init: str = setting("auto", choices=["auto", "on", "off"],
+                             help="build the model on the meta device, shard it, then materialise and fill only "
+                             "each rank's shards (bitwise equal to building it whole); auto = on when parameters "
+                             "are sharded (FSDP/HSDP/TP) or train.init_from is set")
     reshard_after_forward: bool = setting(True, help="free gathered parameters after each block's forward "
                                           "(ZeRO-3); false keeps them until backward (ZeRO-2, more memory)")
 

@@ -44,7 +44,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Optional[ParallelConf
     if dims.tp_enabled or dims.sp_enabled or use_fsdp:
         _ensure_process_group(dims, device_type)
         dims.build_mesh(device_type)
-    if device_type == "cuda":
+    on_meta = any(p.is_meta for p in model.parameters())  # meta-device init materialises after sharding
+    if device_type == "cuda" and not on_meta:
         model.to(torch.device("cuda", torch.cuda.current_device()))
 
     if dims.tp_enabled:

@@ -53,7 +53,8 @@ class TrainConfig:
                                    "kept out of the optimizer (e.g. ['*_temp*', '*temporal*'] for ExVideo)")
     ema_decay: float = setting(0.0, min=0.0, max=1.0, help="EMA decay of trainable parameters (0 = no EMA)")
     init_from: Optional[str] = setting(None, help="initial weights: a Vchitect-2.0 checkpoint "
-                                       "(vchitect2:PATH) or an SD3 transformer (sd3:PATH); safetensors only")
+                                       "(vchitect2:PATH; a released one or a `vchitect export` folder) or an SD3 "
+                                       "transformer (sd3:PATH); safetensors only")
     checkpoint_every: int = setting(500, min=0, help="save every N steps (0 = only at the end)")
     keep_checkpoints: int = setting(3, min=1, help="keep the newest K complete checkpoints")
     async_checkpoint: bool = setting(True, help="save in the background on GPU (CPU runs save synchronously)")

@@ -5,7 +5,9 @@
 
 Set-up order: preflight of config and paths (no process group yet) → process group → model →
 initial weights → trainable set → parallelize (TP → SP → AC → compile → FSDP) → optimizer,
-schedule, EMA → data → resume. Each step: micro-batches (noise, timesteps and text dropout drawn
+schedule, EMA → data → resume. With meta init (``parallel.meta_init``) the model is built on the
+meta device, the initial weights' keys are checked, and after parallelize only this rank's shards
+are materialised and filled (from the checkpoint, or the constructor's init replayed). Each step: micro-batches (noise, timesteps and text dropout drawn
 from a generator keyed on seed, data-parallel rank and step, so resumes repeat them exactly) →
 gradient clip → skip if non-finite → optimizer, schedule, EMA → metrics → checkpoint → preemption.
 """
@@ -28,7 +30,8 @@ from vchitect.config import Config, ConfigError, to_dict, to_yaml
 from vchitect.diffusion.objective import (NullText, drop_text, rectified_flow_loss, sample_noise, sample_timesteps)
 from vchitect.models import VchitectTransformer3DModel
 from vchitect.models.flops import train_step_flops
-from vchitect.parallel import clip_grad_norm_, generator_for_rank, manual_seed, parallelize, total_grad_norm
+from vchitect.parallel import (build_on_meta, clip_grad_norm_, generator_for_rank, manual_seed, materialize,
+                               parallelize, total_grad_norm, use_meta_init)
 
 from .checkpoint import CheckpointError, Checkpointer, read_meta, rng_state, set_rng_state
 from .safe_dcp import UnsafeCheckpointError, read_metadata
@@ -84,17 +87,24 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(to_yaml(cfg))
 
-        # --- model: identical initialisation on every rank, then sharded
+        # --- model: identical initialisation on every rank, then sharded. With meta init it is built
+        # on the meta device, sharded, and only this rank's shards are materialised and filled (the
+        # same values, bitwise; docs/parallelism.md "Meta-device init")
+        meta = use_meta_init(cfg.parallel.meta_init, self.dims, tc.init_from)
         torch.manual_seed(tc.seed)
-        self.model = VchitectTransformer3DModel(**dataclasses.asdict(cfg.model))
-        if tc.init_from:
-            self._load_initial_weights(tc.init_from)
+        build = lambda: VchitectTransformer3DModel(**dataclasses.asdict(cfg.model))  # noqa: E731
+        self.model, init_record = build_on_meta(build) if meta else (build(), None)
+        weights = self._load_initial_weights(tc.init_from, stream=meta) if tc.init_from else None
         self.trainable = apply_trainable(self.model, tc.trainable)
         self.n_params = sum(p.numel() for p in self.model.parameters())  # before sharding: whole tensors
         self.n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.model.to(self.device)
+        if not meta:
+            self.model.to(self.device)
         self.model.train()
         parallelize(self.model, self.dims, cfg.parallel, device_type=self.device_type)
+        if meta:
+            materialize(self.model, init_record, torch.device("cpu") if cfg.parallel.cpu_offload else self.device,
+                        seed=tc.seed, weights=weights)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.sp_group = self.dims.mesh("sp").get_group() if self.dims.sp_enabled else None
 
@@ -140,17 +150,19 @@ class Trainer:
         return "vchitect train\n" + "\n".join(f"  {k:<11} {v}" for k, v in rows)
 
     # ------------------------------------------------------------------ set-up helpers
-    def _load_initial_weights(self, spec: str) -> None:
-        from vchitect.models.weights import WeightImportError, init_from_sd3, load_vchitect2
+    def _load_initial_weights(self, spec: str, stream: bool):
+        """Load ``train.init_from`` into the model, or (``stream``, meta init) check its keys and shapes
+        and return the checkpoint for :func:`materialize` to read shard by shard."""
+        from vchitect.models.weights import WeightImportError, init_from_sd3, load_vchitect2, open_initial_weights
 
         kind, path = spec.split(":", 1)
         try:
-            if kind == "vchitect2":
-                load_vchitect2(path, self.model)
-            else:
-                init_from_sd3(path, self.model)
+            if stream:
+                return open_initial_weights(kind, path, self.model)
+            (load_vchitect2 if kind == "vchitect2" else init_from_sd3)(path, self.model)
         except WeightImportError as exc:  # keys or shapes that do not fit: the config's mistake
             raise init_from_error(spec, exc) from None
+        return None
 
     def _load_encoders(self):
         from vchitect.data.encode import load_encoders
