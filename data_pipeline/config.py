@@ -252,7 +252,7 @@ class CurateConfig:
         if bool(self.filters.aesthetic_clip_path) != bool(self.filters.aesthetic_head_path):
             raise ConfigError("filters.aesthetic_clip_path and filters.aesthetic_head_path must be "
                               "set together (or both null to turn the aesthetic filter off)")
-        from vchitect.data.encode import text_encoder_configured
+        from vchitect.data.config import text_encoder_configured
 
         e = self.latents.encoders
         if self.latents.enabled and not (e.vae_path and text_encoder_configured(self.latents)):

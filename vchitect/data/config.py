@@ -240,3 +240,11 @@ class DataConfig:
         if self.image_ratio > 0 and not any(b.frames == 1 for b in self.buckets):
             raise ConfigError("data.image_ratio > 0 needs an image bucket; add one with frames: 1")
         check_text_encoder(self.text, self.encoders)
+
+
+def text_encoder_configured(cfg) -> bool:
+    """A text encoder is configured (``cfg`` a :class:`DataConfig`): text_encoder_path, or for the sd3
+    kind its three separate folders."""
+    e = cfg.encoders
+    return bool(e.text_encoder_path) or (e.text_encoder_kind == "sd3" and bool(e.clip_l_path and e.clip_g_path
+                                                                                  and e.t5_path))

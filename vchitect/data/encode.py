@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from vchitect.config import ConfigError
+from vchitect.data.config import text_encoder_configured  # noqa: F401  (re-exported)
 
 
 def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
@@ -51,14 +52,6 @@ def is_pixel_space(cfg) -> bool:
     downsampling (``cfg`` is a :class:`DataConfig`). Such a run trains on [-1, 1] RGB directly."""
     return (cfg.encoders.vae_path is None and cfg.latent_channels == 3
             and cfg.vae_spatial_factor == 1 and cfg.vae_temporal_factor == 1)
-
-
-def text_encoder_configured(cfg) -> bool:
-    """A text encoder is configured (``cfg`` a :class:`DataConfig`): text_encoder_path, or for the sd3
-    kind its three separate folders."""
-    e = cfg.encoders
-    return bool(e.text_encoder_path) or (e.text_encoder_kind == "sd3" and bool(e.clip_l_path and e.clip_g_path
-                                                                                  and e.t5_path))
 
 
 def text_encoder_options(cfg, shard_mesh=None) -> dict:

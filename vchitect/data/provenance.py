@@ -38,7 +38,7 @@ def configured_encoders(cfg: DataConfig) -> dict:
     ``vae`` ({name, revision}). Reads config.json and a few MiB of each weight file, loads nothing."""
     from vchitect.models.encoders import folder_identity, text_encoder_folders, vae_folder
 
-    from .encode import text_encoder_configured
+    from .config import text_encoder_configured
 
     e, out = cfg.encoders, {}
     if text_encoder_configured(cfg):
@@ -111,7 +111,7 @@ def check_first_samples(cfg: DataConfig) -> None:
 
     from .sources import list_shards, read_shard
 
-    from .encode import text_encoder_configured
+    from .config import text_encoder_configured
 
     if cfg.source != "shards" or cfg.mode == "decode" or not (text_encoder_configured(cfg)
                                                                or cfg.encoders.vae_path):

@@ -63,7 +63,7 @@ def check_encoder_folders(cfg: Config) -> None:
 def check_sd3_widths(cfg: Config) -> None:
     """kind sd3: data.text.dim is the T5 width and data.text.pooled_dim the two CLIP projections (read from the
     folders' config.json: 4096 and 768 + 1280 = 2048 for the released models)."""
-    from vchitect.data.encode import text_encoder_configured
+    from vchitect.data.config import text_encoder_configured
     from vchitect.models.encoders import sd3_widths, text_encoder_folders
 
     e, t = cfg.data.encoders, cfg.data.text
