@@ -186,6 +186,26 @@ def package_folder(key: str, value: str) -> str:
 
 
 @dataclass
+class TaskOptions:
+    """Parameters of the multi-task conditions (docs/tasks.md); used only when ``data.tasks`` is set."""
+
+    context_frames: int = setting(8, min=1, help="vexd: the first k frames are known; vtrans: the first k and "
+                                  "the last k (each at most (F-1)/2, always leaving one frame to generate)")
+    hole_min: float = setting(0.1, min=0.01, max=1.0, help="vinp/iinp: smallest hole (box side or brush "
+                              "size) as a share of the frame side")
+    hole_max: float = setting(0.5, min=0.01, max=1.0, help="vinp/iinp: largest hole as a share of the frame side")
+    border_min: float = setting(0.1, min=0.0, max=0.5, help="voutp/ioutp: narrowest unknown border as a share "
+                                "of the frame side (per cut side)")
+    border_max: float = setting(0.3, min=0.0, max=0.5, help="voutp/ioutp: widest unknown border as a share of "
+                                "the frame side")
+    sr_factor: int = setting(4, min=2, help="vsr/isr: the condition is the clip downscaled by this factor and "
+                             "upscaled back")
+    depth_member: Optional[str] = setting(None, help="depth: the shard member holding the sample's depth video "
+                                          "(an mp4 decoded to the clip's frames, e.g. depth.mp4); required when "
+                                          "data.tasks has depth")
+
+
+@dataclass
 class DataConfig:
     """The training data stream."""
 
@@ -221,6 +241,11 @@ class DataConfig:
     prefetch_factor: int = setting(2, min=1, help="batches prefetched per worker")
     pin_memory: bool = setting(True, help="pin batches in page-locked memory (only when CUDA is available)")
     decode_threads: int = setting(1, min=0, help="FFmpeg threads per decode (0 = FFmpeg's choice)")
+    tasks: dict = setting(default_factory=dict, help="Many-for-Many multi-task training: task name → sampling "
+                          "weight, e.g. {t2v: 0.4, i2v: 0.2, vinp: 0.1}; each sample draws one of the tasks valid "
+                          "for it (docs/tasks.md). Empty = text-to-video/image only, no condition in the batch. "
+                          "Needs mode decode")
+    task_options: TaskOptions = setting(default_factory=TaskOptions, help="parameters of the task conditions")
     shard_retries: int = setting(3, min=0, help="re-tries of a shard that cannot be opened or read")
     retry_backoff: float = setting(1.0, min=0.0, help="seconds before the first retry; doubles each time")
 
@@ -240,6 +265,43 @@ class DataConfig:
         if self.image_ratio > 0 and not any(b.frames == 1 for b in self.buckets):
             raise ConfigError("data.image_ratio > 0 needs an image bucket; add one with frames: 1")
         check_text_encoder(self.text, self.encoders)
+        check_tasks(self)
+
+
+def check_tasks(cfg: "DataConfig") -> None:
+    """``data.tasks``: known names, numeric weights, the buckets and modes the tasks need."""
+    if not cfg.tasks:
+        return
+    from .tasks import TASKS
+
+    for name, w in cfg.tasks.items():
+        if name not in TASKS:
+            raise ConfigError(f"data.tasks.{name}: unknown task; valid names: {', '.join(TASKS)}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise ConfigError(f"data.tasks.{name}={w!r}: expected a weight >= 0")
+    if sum(cfg.tasks.values()) <= 0:
+        raise ConfigError("data.tasks: the weights sum to 0; give at least one task a weight > 0, or "
+                          "remove data.tasks")
+    if cfg.source != "shards" or cfg.mode != "decode":
+        raise ConfigError(f"data.tasks builds each condition from the clip's pixels, which needs data.source: "
+                          f"shards and data.mode: decode (got source {cfg.source}, mode {cfg.mode}); set "
+                          f"data.mode: decode, or remove data.tasks")
+    weighted = [n for n, w in cfg.tasks.items() if w > 0]
+    image = [n for n in weighted if TASKS[n].image]
+    video = [n for n in weighted if not TASKS[n].image]
+    if image and not any(b.frames == 1 for b in cfg.buckets):
+        raise ConfigError(f"data.tasks.{image[0]} is an image task (1-frame samples); add an image bucket "
+                          f"(frames: 1) and image shards or data.image_ratio > 0")
+    if video and not any(b.frames > 1 for b in cfg.buckets):
+        raise ConfigError(f"data.tasks.{video[0]} is a video task; add a video bucket (frames > 1)")
+    o = cfg.task_options
+    if o.hole_min > o.hole_max:
+        raise ConfigError(f"data.task_options.hole_min={o.hole_min} > hole_max={o.hole_max}")
+    if o.border_min > o.border_max:
+        raise ConfigError(f"data.task_options.border_min={o.border_min} > border_max={o.border_max}")
+    if "depth" in weighted and not o.depth_member:
+        raise ConfigError("data.tasks.depth needs a depth source: set data.task_options.depth_member to the shard "
+                          "member holding each sample's depth video (e.g. depth.mp4), or remove depth")
 
 
 def text_encoder_configured(cfg) -> bool:

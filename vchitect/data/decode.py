@@ -77,9 +77,11 @@ def frame_indices(info: VideoInfo, frames: int, fps: float, rng: np.random.Gener
 
 
 def decode_video(data: bytes, choose: Callable[[VideoInfo], Optional[Bucket]], fps: float,
-                 rng: np.random.Generator, threads: int = 1) -> tuple[np.ndarray, Bucket, list[int]]:
+                 rng: np.random.Generator, threads: int = 1, indices: Optional[list[int]] = None
+                 ) -> tuple[np.ndarray, Bucket, list[int]]:
     """Decode the frames ``choose(info)``'s bucket needs → (uint8 3×F×H×W, bucket, the source frame
-    index of each of the F frames)."""
+    index of each of the F frames). ``indices``: decode these source frames instead of drawing them
+    (a task's side video, e.g. ``src.mp4``, read at its target's frames; ``rng`` is not used)."""
     import av
 
     try:
@@ -105,7 +107,9 @@ def decode_video(data: bytes, choose: Callable[[VideoInfo], Optional[Bucket]], f
         bucket = choose(info)
         if bucket is None:
             raise BadSample("no_bucket", f"{w}x{h}, {n} frames at {src_fps:.2f} fps fits no bucket")
-        if bucket.is_image:
+        if indices is not None:
+            wanted = list(indices)
+        elif bucket.is_image:
             wanted = [int(rng.integers(0, n))]
         else:
             wanted = frame_indices(info, bucket.frames, fps, rng)

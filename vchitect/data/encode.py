@@ -21,6 +21,13 @@ def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().div_(127.5).sub_(1.0)
 
 
+def condition_to_unit(condition: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """uint8 B×3×F×H×W condition + uint8 B×1×F×H×W mask (1 = known) → float32 B×4×F×H×W: channels
+    0–2 the condition in [-1, 1] with unknown pixels 0, channel 3 the mask (0/1)."""
+    m = mask.float()
+    return torch.cat([pixels_to_unit(condition).mul_(m), m], dim=1)
+
+
 def vae_encode_split(encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
                      group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """``encode`` a B×3×F×H×W batch with the work split across the ranks of ``group``.
@@ -94,8 +101,13 @@ def load_encoders(cfg, device: str | torch.device = "cpu", shard_mesh=None):
 
 def encode_batch(batch: dict, vae=None, text_encoder=None, device: str | torch.device = "cpu",
                  sp_group: Optional[dist.ProcessGroup] = None) -> dict:
-    """Make ``latents``, ``text``, ``text_mask``, ``pooled`` present and on ``device``."""
+    """Make ``latents``, ``text``, ``text_mask``, ``pooled`` present and on ``device``; a multi-task
+    batch's ``condition`` + ``condition_mask`` become ``condition`` float32 B×4×F×H×W (pixel space,
+    :func:`condition_to_unit`)."""
     batch = dict(batch)
+    if "condition_mask" in batch:
+        batch["condition"] = condition_to_unit(batch.pop("condition").to(device, non_blocking=True),
+                                               batch.pop("condition_mask").to(device, non_blocking=True))
     if "pixels" in batch:
         if vae is None:
             raise ValueError("this batch holds pixels (decode mode) but no VAE was given; set "

@@ -5,6 +5,11 @@ Precomputed mode: ``latent.npy`` (C×F'×H'×W'), ``text.npy`` (L×D), ``text_ma
 ``pooled.npy`` (P) + ``txt`` → float tensors; a sample whose json records other encoders than
 ``data.encoders`` names raises :class:`~vchitect.data.provenance.EncoderMismatch` (fatal, not
 skipped). Auto mode picks per sample (latent.npy present or not).
+
+With ``data.tasks`` (decode mode only) each sample also draws its task (:mod:`vchitect.data.tasks`)
+from its own generator, after its frames: ``condition`` (uint8 3×F×H×W) and ``condition_mask``
+(uint8 1×F×H×W) join its arrays, the task name is ``Sample.task`` and the caption ends in
+``#task: <full name>``. ``vedit`` reads the sample's ``src.mp4`` at the same source frames and size.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from .buckets import Bucket, choose_bucket, latent_shape
 from .config import DataConfig
 from .decode import BadSample, decode_image, decode_video
 from .provenance import check_record, configured_encoders, sample_meta
+from .tasks import draw_task, task_caption
+
+SRC_MEMBER = "src.mp4"  # the source video of an edit / removal pair (the sample's mp4 is the target)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -32,6 +40,7 @@ class Sample:
     kind: str  # "pixels" | "latents"
     arrays: dict = field(default_factory=dict)  # pixels | latents, text, text_mask, pooled
     frames: Optional[list] = None  # decode mode, video: the source frame index of each frame
+    task: Optional[str] = None  # data.tasks set: the task drawn for this sample
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -93,9 +102,9 @@ class SampleDecoder:
         frame window — as a video (or, ``image``, as one frame) whatever the image-ratio pick: what
         the curation latents stage encodes, for epoch 0."""
         rng, _ = self._draw(key, epoch)
-        return self._decode(key, "", {"mp4": mp4}, image, rng)
+        return self._decode(key, "", {"mp4": mp4}, image, rng, tasks=False)
 
-    def _decode(self, key, caption, members, as_image, rng) -> Sample:
+    def _decode(self, key, caption, members, as_image, rng, tasks=True) -> Sample:
         cfg = self.cfg
         img = next((e for e in IMAGE_EXTS if e in members), None)
         frames = None
@@ -108,7 +117,35 @@ class SampleDecoder:
                 cfg.fps, rng, cfg.decode_threads)
         else:
             raise BadSample("missing_member", "no mp4 or image")
-        return Sample(key, caption, bucket, "pixels", {"pixels": pixels}, frames)
+        sample = Sample(key, caption, bucket, "pixels", {"pixels": pixels}, frames)
+        if tasks and cfg.tasks:
+            self._add_task(sample, members, rng)
+        return sample
+
+    def _side_member(self, side: str) -> Optional[str]:
+        return SRC_MEMBER if side == "src" else self.cfg.task_options.depth_member
+
+    def _add_task(self, sample: Sample, members: dict, rng) -> None:
+        """Draw the sample's task (after its frames, from the same generator) and build its condition."""
+        pixels = sample.arrays["pixels"]  # 3×F×H×W
+        has_side = lambda side: sample.frames is not None and self._side_member(side) in members  # noqa: E731
+        task = draw_task(rng, self.cfg.tasks, pixels.shape[1], has_side)
+        if task is None:
+            raise BadSample("no_task", f"no task of data.tasks ({', '.join(self.cfg.tasks)}) applies to this "
+                            f"{pixels.shape[1]}-frame sample (image tasks need 1 frame, video tasks more; "
+                            f"vedit needs {SRC_MEMBER}, depth its depth member)")
+        side = None
+        if task.side is not None:
+            name = self._side_member(task.side)
+            try:
+                side, _, _ = decode_video(members[name], lambda i: sample.bucket, self.cfg.fps, rng,
+                                          self.cfg.decode_threads, indices=sample.frames)
+            except BadSample as exc:
+                raise BadSample(f"bad_{task.side}", f"{name}: {exc}") from None
+        cond, mask = task.build(pixels, rng, self.cfg.task_options, side)
+        sample.arrays["condition"], sample.arrays["condition_mask"] = cond, mask
+        sample.task = task.name
+        sample.caption = task_caption(sample.caption, task)
 
     def _precomputed(self, key, caption, members, as_image, shard) -> Sample:
         cfg = self.cfg
@@ -166,6 +203,8 @@ def collate(samples: list[Sample]) -> dict:
     b = samples[0].bucket
     batch = {"captions": [s.caption for s in samples], "keys": [s.key for s in samples],
              "bucket": (b.height, b.width, b.frames)}
+    if samples[0].task is not None:
+        batch["tasks"] = [s.task for s in samples]
     for name in samples[0].arrays:
         arrays = [s.arrays[name] for s in samples]
         batch[name] = torch.from_numpy(arrays[0][None] if len(arrays) == 1 else np.stack(arrays))
