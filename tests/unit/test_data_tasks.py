@@ -200,8 +200,9 @@ def test_without_tasks_nothing_changes(task_dir):
         assert p["keys"] == t["keys"] and torch.equal(p["pixels"], t["pixels"])  # same frames
 
 
-def test_task_draws_are_deterministic_and_resume_exactly(task_dir):
-    cfg = cfg_for(task_dir, token_budget=24)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_task_draws_are_deterministic_and_resume_exactly(task_dir, workers):
+    cfg = cfg_for(task_dir, token_budget=24, num_workers=workers)
     K, M = 4, 6
     ref = take(build_loader(cfg), K + M)
     again = take(build_loader(cfg), K + M)
@@ -217,7 +218,7 @@ def test_task_draws_are_deterministic_and_resume_exactly(task_dir):
             assert b["keys"] == y["keys"] and b["tasks"] == y["tasks"] and b["captions"] == y["captions"]
             assert torch.equal(b["condition"], y["condition"]) and torch.equal(b["condition_mask"],
                                                                                y["condition_mask"])
-    other = take(build_loader(cfg_for(task_dir, token_budget=24, seed=1)), K + M)
+    other = take(build_loader(cfg_for(task_dir, token_budget=24, num_workers=workers, seed=1)), K + M)
     assert [t for b in other for t in b["tasks"]] != [t for b in ref for t in b["tasks"]]
 
 
