@@ -231,10 +231,7 @@ def test_vedit_only_skips_samples_without_src_and_counts_them(task_dir):
 
 
 def test_collate_mixes_tasks_in_one_batch(task_dir):
-    import webdataset as wds
-
-    members = next(iter(wds.WebDataset(str(task_dir / "train-000000.tar"), shardshuffle=False)))
-    members = {k: v for k, v in members.items() if not k.startswith("__")}
+    members = _members(task_dir)
     dec = SampleDecoder(cfg_for(task_dir, image_ratio=0.0, tasks={"t2v": 1.0, "vedit": 1.0}))
     samples, epoch = {}, 0
     while len(samples) < 2:
@@ -288,3 +285,35 @@ def test_task_config_errors_name_the_key(task_dir, kw, match):
 
 def test_depth_with_a_member_validates(task_dir):
     cfg_for(task_dir, tasks={"depth": 1.0}, task_options={"depth_member": "depth.mp4"}).validate()
+
+
+def _members(task_dir, index=0):
+    import webdataset as wds
+
+    ds = iter(wds.WebDataset(str(task_dir / "train-000000.tar"), shardshuffle=False))
+    for _ in range(index + 1):
+        members = next(ds)
+    return {k: v for k, v in members.items() if not k.startswith("__")}
+
+
+def test_decoder_draws_tasks_by_their_weights(task_dir):
+    members = _members(task_dir)  # has src.mp4
+    dec = SampleDecoder(cfg_for(task_dir, image_ratio=0.0, tasks={"t2v": 3.0, "i2v": 1.0, "t2i": 5.0}))
+    drawn = [dec("k0", members, epoch).task for epoch in range(240)]
+    assert set(drawn) == {"t2v", "i2v"}  # t2i is an image task: never for a video sample
+    assert abs(drawn.count("i2v") / len(drawn) - 0.25) < 0.08
+
+
+def test_depth_task_reads_its_member_at_the_clip_frames(task_dir):
+    from vchitect.data.tasks import grey
+
+    members = _members(task_dir)
+    members["depth.mp4"] = members.pop("src.mp4")
+    dec = SampleDecoder(cfg_for(task_dir, image_ratio=0.0, tasks={"depth": 1.0},
+                                task_options={"depth_member": "depth.mp4"}))
+    s = dec("k0", members, 0)
+    plain = SampleDecoder(cfg_for(task_dir, image_ratio=0.0, tasks={}))
+    depth = plain("k0", {**members, "mp4": members["depth.mp4"]}, 0).arrays["pixels"]  # same frames
+    assert s.task == "depth" and s.arrays["condition_mask"].all()
+    assert np.array_equal(s.arrays["condition"], grey(depth))
+    assert s.caption.endswith(" #task: depth-to-video")
