@@ -15,10 +15,11 @@ import cv2
 import numpy as np
 import pytest
 
-from data_pipeline.synthetic import COLORS, SHAPES
+from data_pipeline.synthetic import COLORS, SHAPES, draw_shape
 from vchitect.data.buckets import Bucket
 from vchitect.data.decode import decode_video
-from vchitect.demo.removal import (LANES, REMOVAL_TASK, pair_members, removal_instruction, render_removal_pair,
+from vchitect.demo.corpus import position
+from vchitect.demo.removal import (LANES, PAIR_RADIUS, REMOVAL_TASK, pair_members, removal_instruction, render_removal_pair,
                                    write_removal_shards)
 from vchitect.eval.probe import probe_removal
 
@@ -38,6 +39,14 @@ def test_target_is_the_source_minus_the_removed_object(seed):
     # outside the mask: the same pixels (background and the kept object); inside: plain background
     assert np.array_equal(p.target[~p.mask], p.source[~p.mask])
     assert (p.target[p.mask] == bg).all()
+    # the mask is the removed object drawn alone on the background (the corpus's drawing and trajectory)
+    F1 = F - 1
+    for i in (0, F1 // 2, F1):
+        alone = np.empty((H, W, 3), np.uint8)
+        alone[:] = bg
+        draw_shape(alone, p.removed["shape"], position(p.removed["direction"], i / F1, p.removed["lane"], W),
+                   PAIR_RADIUS * W, COLORS[p.removed["color"]])
+        assert np.array_equal(p.mask[i], (alone != bg).any(-1)) and np.array_equal(p.source[i][p.mask[i]], alone[p.mask[i]])
     # the mask is exactly where the source differs from the target, and the removed object is in every frame
     assert np.array_equal(p.mask, (p.source != p.target).any(-1))
     assert p.mask.any(axis=(1, 2)).all()
@@ -110,8 +119,9 @@ def test_shards_follow_the_contract_and_the_loader_reads_them(tmp_path):
     assert index["nsamples"] == 3 and [s["nsamples"] for s in index["shards"]] == [2, 1]
     assert json.loads((out / "index.json").read_text()) == index and (out / "_SUCCESS").exists()
     assert sorted(n for n in os.listdir(out) if n.endswith(".tar")) == ["removal-000000.tar", "removal-000001.tar"]
-    cfg = from_dict(DataConfig, {"sources": [{"uri": str(out)}], "buckets": [{"height": 32, "width": 32, "frames": 8}],
-                                 "fps": 6.0, "num_workers": 0, "mode": "decode"})
+    # the demo's training bucket and fps (configs/train/demo.yaml): 8 frames at 4.5 fps fit in the 2 s pair
+    cfg = from_dict(DataConfig, {"sources": [{"uri": str(out)}], "buckets": [{"height": 16, "width": 16, "frames": 8}],
+                                 "fps": 4.5, "num_workers": 0, "mode": "decode"})
     dec = SampleDecoder(cfg)
     seen = []
     for shard in index["shards"]:
@@ -121,10 +131,10 @@ def test_shards_follow_the_contract_and_the_loader_reads_them(tmp_path):
                 assert set(members) == {"mp4", "src.mp4", "mask.mp4", "txt", "json"}
                 s = dec(key, members, 0)
                 assert s.caption == members["txt"].decode() and s.caption.startswith("remove the ")
-                assert s.arrays["pixels"].shape == (3, 8, 32, 32)
+                assert s.arrays["pixels"].shape == (3, 8, 16, 16)
                 for ext in ("src.mp4", "mask.mp4"):
-                    frames, _ = _decode(members[ext], Bucket(32, 32, 8), 6.0)
-                    assert frames.shape == (8, 32, 32, 3)
+                    frames, picked = _decode(members[ext], Bucket(16, 16, 8), 4.5)
+                    assert frames.shape == (8, 16, 16, 3) and picked == sorted(picked)
                 seen.append(key)
     assert len(seen) == 3
     # same arguments, same bytes; the CLI writes the same shards
