@@ -140,6 +140,9 @@ def test_shards_follow_the_contract_and_the_loader_reads_them(tmp_path):
     # same arguments, same bytes; the CLI writes the same shards
     again = write_removal_shards(str(tmp_path / "again"), 3, seed=1, samples_per_shard=2, size=64)
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in index["shards"]]
+    # a smaller run into the same folder leaves no shard of the larger one behind (the loader reads every tar)
+    write_removal_shards(str(tmp_path / "again"), 1, seed=1, samples_per_shard=2, size=64)
+    assert sorted(n for n in os.listdir(tmp_path / "again") if n.endswith(".tar")) == ["removal-000000.tar"]
     assert main(["synth", str(tmp_path / "cli"), "--removal", "--n", "2", "--seed", "1"]) == 0
     assert json.loads((tmp_path / "cli" / "index.json").read_text())["nsamples"] == 2
     lines = []
@@ -175,3 +178,12 @@ def test_removal_probe_on_ground_truth(size):
         probe_removal(p.target[:, :32], p.source, p.removed["color"])
     with pytest.raises(ValueError, match="vocabulary colour"):
         probe_removal(p.target, p.source, "pink")
+
+
+def test_lossless_encoding_refuses_an_encoder_without_it(monkeypatch):
+    import data_pipeline.video as video
+
+    frames = [np.zeros((16, 16, 3), np.uint8)] * 2
+    monkeypatch.setattr(video, "pick_h264_encoder", lambda preference="auto": "libopenh264")
+    with pytest.raises(RuntimeError, match="lossless=True.*needs libx264"):
+        video.encode_frames(frames, 12.0, lossless=True)

@@ -20,7 +20,6 @@ decoded target is the decoded source outside the mask, exactly.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from fractions import Fraction
@@ -135,18 +134,22 @@ def pair_members(pair: RemovalPair, key: str) -> dict[str, bytes]:
 
 
 def write_removal_shards(out: str, n: int, seed: int = 0, *, samples_per_shard: int = 64,
-                         prefix: str = PREFIX, size: int = SIZE, fps: float = FPS) -> dict:
-    """Write ``n`` removal pairs as WebDataset shards under ``out`` (the layout of
-    ``vchitect-curate run``: ``{prefix}-{index:06d}.tar``, ``index.json``, ``stats.json``, an empty
-    ``rejected.jsonl``, ``_SUCCESS``);
-    sample keys ``removal_{pair seed:010d}_0000``. Same arguments → same bytes. Returns the index."""
+                         prefix: str = PREFIX, size: int = SIZE, fps: float = FPS, options=None) -> dict:
+    """Write ``n`` removal pairs as WebDataset shards under ``out`` (local or ``s3://``; ``options``:
+    fsspec storage options), in the layout of ``vchitect-curate run``: ``{prefix}-{index:06d}.tar``,
+    ``index.json``, ``stats.json``, an empty ``rejected.jsonl``, ``_SUCCESS`` (withdrawn first, written
+    last; ``{prefix}-*.tar`` of an earlier, larger run are removed, since the loader reads every tar of
+    the folder). Sample keys ``removal_{pair seed:010d}_0000``. Same arguments → same bytes. Returns
+    the index."""
+    from data_pipeline import io as vio
     from data_pipeline.writer import ShardWriter, sample_key
 
     if n < 1:
         raise ValueError(f"write_removal_shards: n={n}; ask for at least one pair")
-    os.makedirs(out, exist_ok=True)
-    writer = ShardWriter(out, prefix, samples_per_shard, max_bytes=1 << 40)
-    removed = {}
+    for name in ("_SUCCESS", "index.json", "stats.json", "rejected.jsonl"):
+        vio.remove(vio.join(out, name), options)
+    writer = ShardWriter(out, prefix, samples_per_shard, max_bytes=1 << 40, options=options)
+    removed: dict[str, int] = {}
     for i in range(n):
         pair = render_removal_pair(pair_seed(seed, i), size=size, fps=fps)
         key = sample_key(f"removal_{pair.seed:010d}", 0)
@@ -154,6 +157,10 @@ def write_removal_shards(out: str, n: int, seed: int = 0, *, samples_per_shard: 
         name = f"{pair.removed['color']} {pair.removed['shape']}"
         removed[name] = removed.get(name, 0) + 1
     shards = writer.close()
+    keep = {e["name"] for e in shards}
+    for name in vio.list_names(out, options):
+        if name.startswith(prefix + "-") and name.endswith(".tar") and name not in keep:
+            vio.remove(vio.join(out, name), options)
     index = {"format": "webdataset", "prefix": prefix, "shards": shards, "nsamples": n}
     # stats.json in the curation's layout (`vchitect-curate report OUT` reads it), plus what was drawn
     stats = {"counts": {"clips_written": n, "inputs": n, "shards": len(shards)}, "rejected_by_stage": {},
@@ -161,10 +168,9 @@ def write_removal_shards(out: str, n: int, seed: int = 0, *, samples_per_shard: 
              "this_run": {"generator": "vchitect.demo.removal", "task": REMOVAL_TASK, "seed": seed,
                           "size": size, "fps": fps, "removed": dict(sorted(removed.items()))}}
     for name, obj in (("index.json", index), ("stats.json", stats)):
-        with open(os.path.join(out, name), "w") as f:
-            f.write(json.dumps(obj, sort_keys=True) + "\n")
-    open(os.path.join(out, "rejected.jsonl"), "w").close()
-    open(os.path.join(out, "_SUCCESS"), "w").close()
+        vio.write_bytes(vio.join(out, name), (json.dumps(obj, sort_keys=True) + "\n").encode(), options)
+    vio.write_bytes(vio.join(out, "rejected.jsonl"), b"", options)
+    vio.write_bytes(vio.join(out, "_SUCCESS"), b"", options)
     return index
 
 
