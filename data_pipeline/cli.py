@@ -3,6 +3,7 @@
     vchitect-curate run CONFIG [section.key=value …] [--address ADDR] [--no-progress]
     vchitect-curate report OUT [--plots DIR]
     vchitect-curate synth OUT --n N [--seed S] [--no-defects]
+    vchitect-curate synth OUT --removal --n N [--seed S]   synthetic removal pairs, as shards
     vchitect-curate config show CONFIG [section.key=value …]
     vchitect-curate config describe
     vchitect-curate --version
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shots", type=int, default=2, help="shots per clean video")
     s.add_argument("--no-defects", action="store_true", help="only clean videos")
+    s.add_argument("--removal", action="store_true", help="instead: N synthetic object-removal pairs (target "
+                   "mp4, src.mp4, mask.mp4, instruction txt) written straight as WebDataset shards "
+                   "(docs/data.md, \"Removal pairs\")")
     c = sub.add_parser("config", help="inspect curation configs")
     config_sub = c.add_subparsers(dest="config_cmd", required=True)
     c_show = config_sub.add_parser("show", help="print the resolved config (file + overrides)")
@@ -86,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             from .report import report
 
             report(args.out, args.plots, args.overrides)
+        elif args.removal:
+            from vchitect.demo.removal import write_removal_shards
+
+            index = write_removal_shards(args.out, args.n, seed=args.seed)
+            print(f"wrote {index['nsamples']} removal pairs in {len(index['shards'])} shard(s) to {args.out}")
         else:
             from .synthetic import generate_corpus
 

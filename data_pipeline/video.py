@@ -53,9 +53,18 @@ def even_size(width: int, height: int, max_size: int) -> tuple[int, int]:
 
 
 def encode_frames(frames: Iterable[np.ndarray], fps: Fraction | float, codec: str = "auto", *,
-                  crf: int = 23, bitrate: int = 2_000_000, preset: str = "veryfast") -> bytes:
-    """H.264 mp4 bytes of RGB uint8 frames (H×W×3, even sides). Same input → same bytes."""
+                  crf: int = 23, bitrate: int = 2_000_000, preset: str = "veryfast",
+                  lossless: bool = False) -> bytes:
+    """H.264 mp4 bytes of RGB uint8 frames (H×W×3, even sides). Same input → same bytes.
+
+    ``lossless``: libx264 at ``qp 0`` in 4:4:4 (``yuv444p``, High 4:4:4 Predictive profile): the only
+    loss is the 8-bit RGB → YUV → RGB round trip (at most 2 levels per channel), and equal RGB pixels
+    decode equal (the synthetic removal pairs rely on it); needs libx264.
+    """
     codec = pick_h264_encoder(codec)
+    if lossless and codec != "libx264":
+        raise RuntimeError(f"encode_frames(lossless=True) needs libx264, this PyAV build picked {codec!r}; "
+                           "install an `av` wheel from PyPI, which ships libx264")
     rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as out:
@@ -65,9 +74,11 @@ def encode_frames(frames: Iterable[np.ndarray], fps: Fraction | float, codec: st
                 h, w = frame.shape[:2]
                 stream = out.add_stream(codec, rate=rate)
                 stream.width, stream.height = w, h
-                stream.pix_fmt = "yuv420p"
+                stream.pix_fmt = "yuv444p" if lossless else "yuv420p"
                 stream.codec_context.time_base = Fraction(1) / rate
-                if codec == "libx264":
+                if lossless:
+                    stream.options = {"qp": "0", "preset": preset, "threads": "1"}
+                elif codec == "libx264":
                     stream.options = {"crf": str(crf), "preset": preset, "threads": "1"}
                 else:
                     stream.bit_rate = bitrate

@@ -11,6 +11,10 @@ From the pixels of a generated video alone it measures
 
 ``probe_video`` classifies one video; ``score`` compares predictions with prompts and returns the
 accuracy per attribute, overall and on held-out colour × direction combinations.
+
+``probe_removal`` judges an instruction-driven removal (:mod:`vchitect.demo.removal`): is the removed
+colour absent from every frame, and does the kept object still move as in the source (its per-frame
+centroid close to the source's)?
 """
 
 from __future__ import annotations
@@ -97,6 +101,73 @@ def probe_video(frames: np.ndarray, threshold: float = 60.0, min_motion: float =
     return ProbeResult(color, direction, share, (vx, vy), tuple(int(v) for v in rgb))
 
 
+def _colour_masks(x: np.ndarray, bg: np.ndarray, names: Sequence[str], threshold: float) -> dict[str, np.ndarray]:
+    """Per vocabulary colour in ``names``, the F×H×W pixels of ``x`` (F×H×W×3 float) nearest to it
+    among the whole palette and the background, and within ``threshold`` of it (blended edges are
+    nearer the background or another colour, and drop out)."""
+    every = list(COLORS)
+    palette = np.array([COLORS[n] for n in every] + [bg], np.float32)     # (K+1)×3
+    dist = np.linalg.norm(x[..., None, :] - palette, axis=-1)           # F×H×W×(K+1)
+    nearest = dist.argmin(-1)
+    return {n: (nearest == every.index(n)) & (dist[..., every.index(n)] < threshold) for n in names}
+
+
+def _centroids(mask: np.ndarray) -> np.ndarray:
+    """(x, y) centroid of each frame of an F×H×W mask → F×2, NaN where the frame has none."""
+    F, H, W = mask.shape
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
+    n = mask.sum(axis=(1, 2)).astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.stack([(mask * xs).sum(axis=(1, 2)) / n, (mask * ys).sum(axis=(1, 2)) / n], axis=1)
+
+
+@dataclass
+class RemovalProbe:
+    removed_share: float     # largest share of a frame in the removed colour
+    kept_share: float        # smallest share of a frame in the kept colour
+    kept_error: float        # mean distance of the kept object's centroid from the source's, of the frame side
+    removed_absent: bool     # removed_share <= max_share in every frame
+    kept_follows: bool       # the kept object is in every frame (kept_share > max_share) and kept_error <= max_error
+
+    @property
+    def ok(self) -> bool:
+        return self.removed_absent and self.kept_follows
+
+
+def probe_removal(frames: np.ndarray, source: np.ndarray, removed_color: str, kept_color: Optional[str] = None,
+                  threshold: float = 60.0, max_share: float = 0.01, max_error: float = 0.05) -> RemovalProbe:
+    """Judge one removal: ``frames`` (the generated video) and ``source`` (the video it edits), both
+    F×H×W×3 uint8 RGB of the same shape; ``removed_color`` / ``kept_color``: vocabulary colours of the
+    removed and the kept object (``kept_color`` None: the source's most frequent other colour).
+
+    The removed colour counts as absent when no frame has more than ``max_share`` of its pixels in
+    it (within ``threshold`` RGB distance, nearer it than any other colour or the background); the
+    kept object follows when it has more than ``max_share`` of every frame and its centroid lies on
+    average within ``max_error`` of the frame side from the source's.
+    """
+    x, s = np.asarray(frames, np.float32), np.asarray(source, np.float32)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.shape != s.shape:
+        raise ValueError(f"probe_removal: expected frames and source F×H×W×3 of one shape, got {x.shape} and "
+                         f"{s.shape}; resize the source to the generated size first")
+    for name, c in (("removed_color", removed_color), ("kept_color", kept_color)):
+        if c is not None and c not in COLORS:
+            raise ValueError(f"probe_removal: {name}={c!r} is not a vocabulary colour ({', '.join(COLORS)})")
+    F, H, W, _ = x.shape
+    src_bg = _background(s)
+    if kept_color is None:
+        others = [n for n in COLORS if n != removed_color]
+        counts = {n: int(m.sum()) for n, m in _colour_masks(s, src_bg, others, threshold).items()}
+        kept_color = max(counts, key=counts.get)
+    gen = _colour_masks(x, _background(x), [removed_color, kept_color], threshold)
+    ref = _colour_masks(s, src_bg, [kept_color], threshold)[kept_color]
+    removed_share = float(gen[removed_color].mean(axis=(1, 2)).max())
+    kept_share = float(gen[kept_color].mean(axis=(1, 2)).min())
+    err = np.linalg.norm(_centroids(gen[kept_color]) - _centroids(ref), axis=1) / max(H, W)    # F
+    kept_error = float(err.mean()) if np.isfinite(err).all() else float("inf")
+    return RemovalProbe(removed_share, kept_share, kept_error, removed_share <= max_share,
+                        kept_share > max_share and kept_error <= max_error)
+
+
 def score(prompts: Sequence[str], results: Sequence[ProbeResult],
           held_out: Iterable[tuple[str, str]] = ()) -> dict:
     """Accuracy of ``results`` against ``prompts``: colour, direction and both, over the videos whose
@@ -123,4 +194,4 @@ def result_dict(r: ProbeResult) -> dict:
     return asdict(r)
 
 
-__all__ = ["ProbeResult", "parse_prompt", "probe_video", "result_dict", "score"]
+__all__ = ["ProbeResult", "RemovalProbe", "parse_prompt", "probe_removal", "probe_video", "result_dict", "score"]
