@@ -65,6 +65,18 @@ class ModelConfig:
     attention_backend: str = setting("sdpa", choices=["sdpa", "flash_attn", "te"],
                                      help="attention kernel: torch SDPA, or flash-attn / Transformer "
                                      "Engine when the `gpu` extra is installed")
+    condition_channels: int = setting(0, choices=[0, 4, 5], help="Many-for-Many condition adapter (docs/model.md): "
+                                      "channels of the pixel-space condition batch['condition'] — 0 = no adapter "
+                                      "(the plain text-to-video model), 4 = condition RGB with unknown pixels zeroed "
+                                      "+ known-pixel mask, 5 = with a depth channel; its output layer starts at zero")
+    condition_vae_spatial_factor: int = setting(8, min=1, help="condition adapter: spatial downsampling of the VAE "
+                                                "(pixels per latent pixel; 1 for a pixel-space model); the adapter "
+                                                "downsamples by this × patch_size")
+    condition_vae_temporal_factor: int = setting(4, min=1, help="condition adapter: temporal downsampling of the VAE "
+                                                 "(latent frames = 1 + (F − 1) / factor; 1 for a per-frame VAE or "
+                                                 "a pixel-space model)")
+    condition_hidden_channels: int = setting(64, min=1, help="condition adapter: width of its first conv; each "
+                                             "stride-2 stage doubles it, up to 4×")
 
 
 @dataclass

@@ -43,6 +43,11 @@ LR = 1e-2
 # reproduce. eps=1e-6 keeps the three-step comparison about the parallel code, not about noise.
 ADAM_EPS = 1e-6
 
+# The condition adapter on (vae factors 2 in space and time: pixel condition 2× the latent, 1 + 2·(F − 1)
+# frames); build_model gives its zero-initialised output layer weights, make_batch adds a condition.
+ADAPTER = dict(condition_channels=4, condition_vae_spatial_factor=2, condition_vae_temporal_factor=2,
+               condition_hidden_channels=4)
+
 # name: (world size, layout, options)
 CASES = {
     # 2 ranks
@@ -58,6 +63,9 @@ CASES = {
     "tp2_ac_full_offload": (2, dict(dp_shard=1, tp=2), dict(ac="full", offload=True)),
     "dp_shard2_cpu_offload": (2, dict(dp_shard=2), dict(cpu_offload=True)),
     "tp2_qk_norm": (2, dict(dp_shard=1, tp=2), dict(model=dict(qk_norm="rms_norm"))),
+    "sp2_nondivisible_adapter": (2, dict(dp_shard=1, sp=2), dict(height=10, width=14, model=ADAPTER)),
+    "tp2_adapter": (2, dict(dp_shard=1, tp=2), dict(model=ADAPTER)),
+    "dp_shard2_adapter": (2, dict(dp_shard=2), dict(model=ADAPTER)),
     # 4 ranks
     "sp4": (4, dict(dp_shard=1, sp=4), {}),
     "sp4_nondivisible": (4, dict(dp_shard=1, sp=4), dict(height=10, width=14)),  # 35 → 36
@@ -70,6 +78,7 @@ CASES = {
     "tp2_dp_shard2_ac_offload": (4, dict(dp_shard=2, tp=2), dict(ac="selective", ratio=0.5, offload=True)),
     "tp2_sp2_qk_norm_nondivisible": (4, dict(dp_shard=1, tp=2, sp=2),
                                      dict(height=10, width=14, model=dict(qk_norm="rms_norm"))),
+    "tp2_sp2_adapter": (4, dict(dp_shard=1, tp=2, sp=2), dict(model=ADAPTER)),
 }
 
 
@@ -116,18 +125,19 @@ def build_model(**overrides) -> VchitectTransformer3DModel:
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(k in name for k in ("to_out_temporal", "to_out_context", "to_add_out_temporal")):
+            if any(k in name for k in ("to_out_temporal", "to_out_context", "to_add_out_temporal",
+                                       "condition_adapter.conv_out")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model
 
 
-def make_batch(step: int, frames: int, height: int, width: int) -> dict:
+def make_batch(step: int, frames: int, height: int, width: int, adapter: bool = False) -> dict:
     g = torch.Generator().manual_seed(100 + step)
     B = GLOBAL_BATCH
     mask = torch.ones(B, TEXT_LEN, dtype=torch.bool)
     mask[1, -2:] = False
     mask[3, -3:] = False
-    return dict(
+    batch = dict(
         hidden_states=torch.randn(B, 4, frames, height, width, generator=g),
         encoder_hidden_states=torch.randn(B, TEXT_LEN, 24, generator=g),
         pooled_projections=torch.randn(B, 12, generator=g),
@@ -135,6 +145,12 @@ def make_batch(step: int, frames: int, height: int, width: int) -> dict:
         encoder_attention_mask=mask,
         target=torch.randn(B, 4, frames, height, width, generator=g),
     )
+    if adapter:  # pixel-space condition (RGB × mask, mask), as encode_batch makes it
+        shape = (B, 1, 1 + 2 * (frames - 1), 2 * height, 2 * width)
+        known = (torch.rand(shape, generator=g) > 0.5).float()
+        rgb = (torch.rand((B, 3, *shape[2:]), generator=g) * 2 - 1) * known
+        batch["condition"] = torch.cat([rgb, known], dim=1)
+    return batch
 
 
 def loss_fn(model, batch: dict, rows: slice) -> torch.Tensor:
@@ -165,13 +181,14 @@ def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
     frames, height, width = opts.get("frames", 3), opts.get("height", 16), opts.get("width", 16)
     ref = build_model(**opts.get("model", {}))
     model = copy.deepcopy(ref)
+    adapter = ref.condition_adapter is not None
     t0 = time.time()
 
     # single-process reference on the global batch
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.01, eps=ADAM_EPS)
     ref_losses, ref_grads = [], None
     for step in range(3):
-        batch = make_batch(step, frames, height, width)
+        batch = make_batch(step, frames, height, width, adapter)
         loss = loss_fn(ref, batch, slice(None))
         loss.backward()
         if step == 0:
@@ -189,7 +206,7 @@ def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
     rows = data_parallel_slice(GLOBAL_BATCH, dims)
     losses, grad_errs, none_mismatch = [], {}, []
     for step in range(3):
-        batch = make_batch(step, frames, height, width)
+        batch = make_batch(step, frames, height, width, adapter)
         loss = loss_fn(model, batch, rows)
         loss.backward()
         mean_loss = loss.detach().clone()
@@ -218,6 +235,8 @@ def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
         grad_err=grad_errs[worst_grad], worst_grad=worst_grad,
         param_err=param_errs[worst_param], worst_param=worst_param,
         none_mismatch=none_mismatch, checked_grads=len(grad_errs), grad_norm_err=norm_err,
+        adapter_grads=sum(n.startswith("condition_adapter.") and ref_grads[n].abs().sum().item() > 0
+                          for n in grad_errs),
         seconds=round(time.time() - t0, 2),
     )
 

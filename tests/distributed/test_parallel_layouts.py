@@ -8,6 +8,8 @@ block's unused text projections) must be without gradient in both runs. The same
 check that noise, dropout seeds and batch rows are shared inside SP/TP groups and differ across
 data-parallel groups, and, per layout, that meta-device init + sharded loading gives local shards
 bitwise equal to the full-build path's (random init, a released-format checkpoint, SD3 init).
+The ``*_adapter`` layouts run the model with a live condition adapter and a random pixel-space
+condition (its tokens must be added to each rank's own tokens under SP).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def test_layout_matches_single_process(name, layout_results):
     assert rec["loss_err"] <= TOL, f"{name}: losses {rec['loss']} vs single process {rec['loss_ref']}"
     assert not rec["none_mismatch"], f"{name}: gradient present in one run only: {rec['none_mismatch']}"
     assert rec["checked_grads"] > 50, f"{name}: only {rec['checked_grads']} gradients compared"
+    if opts.get("model", {}).get("condition_channels"):  # a live condition adapter and a condition
+        assert rec["adapter_grads"] >= 8, f"{name}: {rec['adapter_grads']} non-zero condition-adapter gradients"
     assert rec["grad_err"] <= TOL, f"{name}: gradient of {rec['worst_grad']} off by {rec['grad_err']:.2e} (relative)"
     assert rec["grad_norm_err"] <= TOL, f"{name}: total gradient norm off by {rec['grad_norm_err']:.2e}"
     assert rec["param_err"] <= TOL, (f"{name}: after 3 AdamW steps {rec['worst_param']} off by "

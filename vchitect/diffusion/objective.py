@@ -89,12 +89,17 @@ def _fit(x: torch.Tensor, length: int) -> torch.Tensor:
 
 def rectified_flow_loss(model, batch: dict, t: torch.Tensor, noise: torch.Tensor,
                         cfg: DiffusionConfig) -> torch.Tensor:
-    """Mean-squared error between the model's velocity and ε − x0 at noise level t (B)."""
+    """Mean-squared error between the model's velocity and ε − x0 at noise level t (B).
+
+    ``batch["condition"]`` (B×Cc×F×H×W pixel space, optional) goes to the model's condition adapter;
+    text dropout leaves it in place, so the model learns the text-unconditional prediction with the
+    condition that classifier-free guidance asks for (see sampling.py)."""
     x0 = batch["latents"]
     tt = t.to(x0.device, x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
     x_t = (1 - tt) * x0 + tt * noise
+    kwargs = {} if batch.get("condition") is None else {"condition": batch["condition"]}
     pred = model(x_t, batch["text"], batch["pooled"], t.to(x0.device) * 1000,
-                 encoder_attention_mask=batch.get("text_mask"), return_dict=False)[0]
+                 encoder_attention_mask=batch.get("text_mask"), return_dict=False, **kwargs)[0]
     per_sample = (pred.float() - (noise - x0).float()).square().flatten(1).mean(1)
     w = loss_weights(cfg, t.to(per_sample.device))
     return (w * per_sample).mean()

@@ -9,7 +9,8 @@ builds from ``shift = s``). Guidance: v = v_uncond + g·(v_cond − v_uncond); t
 unconditional rows run as one batch of 2B unless ``batch_cfg=False``. The guidance scale g of step
 i comes from :func:`guidance_scales`: ``constant`` (g = s at every step), ``released`` (the released
 Vchitect-2.0 pipeline's per-step formula, quirks included) or ``smooth`` (the ramp that formula
-evidently meant) — docs/sampling.md, "Guidance schedules".
+evidently meant) — docs/sampling.md, "Guidance schedules". A pixel-space ``condition`` (models with
+a condition adapter, docs/model.md) is given at every step, to both passes of guidance.
 
 Two training-free accelerations/quality tools plug into :func:`sample`:
 :class:`~vchitect.diffusion.fastercache.FasterCache` (reuse attention outputs and the unconditional
@@ -80,13 +81,30 @@ def flow_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     return shift_sigmas(t, shift).to(torch.float32)
 
 
-def predict_velocity(model, x: torch.Tensor, text: TextCondition, t: float) -> torch.Tensor:
-    """One transformer call: x B×C×F×H×W at noise level t (same for the batch) → v B×C×F×H×W."""
+def predict_velocity(model, x: torch.Tensor, text: TextCondition, t: float,
+                     condition: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One transformer call: x B×C×F×H×W at noise level t (same for the batch) → v B×C×F×H×W.
+    ``condition`` (B×Cc×F_pix×H_pix×W_pix, optional) goes to the model's condition adapter."""
     timestep = torch.full((x.shape[0],), float(t) * 1000.0, device=x.device, dtype=torch.float32)
     dtype = next(model.parameters()).dtype
+    kwargs = {} if condition is None else {"condition": condition.to(x.device, dtype)}
     out = model(x.to(dtype), text.hidden.to(dtype), text.pooled.to(dtype), timestep,
-                encoder_attention_mask=text.mask, return_dict=False)[0]
+                encoder_attention_mask=text.mask, return_dict=False, **kwargs)[0]
     return out.float()
+
+
+DEPTH_CHANNEL = 4  # of a 5-channel condition: RGB, mask, depth
+
+
+def unconditional_condition(condition: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The condition of the unconditional (negative-prompt) pass of guidance: the same condition —
+    guidance is over the text only, as in Many-for-Many's pipeline — except that a depth channel is
+    zeroed there, as Many-for-Many's pipeline does (so guidance also pushes towards the depth)."""
+    if condition is None or condition.shape[1] <= DEPTH_CHANNEL:
+        return condition
+    out = condition.clone()
+    out[:, DEPTH_CHANNEL:] = 0
+    return out
 
 
 GUIDANCE_SCHEDULES = ("constant", "released", "smooth")
@@ -145,8 +163,11 @@ StepCallback = Callable[[int, float, torch.Tensor], None]
 def sample(model, noise: torch.Tensor, cond: TextCondition, uncond: Optional[TextCondition] = None, *,
            sigmas: torch.Tensor, guidance_scale: Union[float, list[float], tuple[float, ...]] = 1.0,
            guidance_schedule: str = "constant", batch_cfg: bool = True, fastercache=None,
-           callback: Optional[StepCallback] = None) -> torch.Tensor:
+           callback: Optional[StepCallback] = None, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Integrate ``noise`` (B×C×F×H×W, float32) along ``sigmas`` (1 → 0) and return x0 (float32).
+
+    ``condition`` (B×Cc×F_pix×H_pix×W_pix, for a model with a condition adapter) is the same at
+    every step; the unconditional pass gets :func:`unconditional_condition` of it.
 
     ``uncond`` (same batch as ``cond``) enables guidance on the steps whose scale (see
     :func:`guidance_scales`; or one value per step given as ``guidance_scale``) is not 1; a step
@@ -169,6 +190,8 @@ def sample(model, noise: torch.Tensor, cond: TextCondition, uncond: Optional[Tex
         raise ValueError(f"negative prompts ({uncond.batch}) and prompts ({cond.batch}) must match in number")
     x = noise.float()
     both = TextCondition.cat([cond, uncond]) if use_cfg else None
+    c_cond, c_uncond = condition, unconditional_condition(condition)
+    c_both = None if condition is None or not use_cfg else torch.cat([c_cond, c_uncond])
     session = fastercache.attach(model, num_steps) if fastercache is not None else None
     v = None
     try:
@@ -180,23 +203,23 @@ def sample(model, noise: torch.Tensor, cond: TextCondition, uncond: Optional[Tex
             elif not use_cfg or (g == 1.0 and session is None):
                 if session is not None:
                     session.begin_step(i, ("cond",))
-                v = predict_velocity(model, x, cond, t)
+                v = predict_velocity(model, x, cond, t, c_cond)
             else:
                 full = session is None or session.cfg_full(i)
                 if full and batch_cfg:
                     if session is not None:
                         session.begin_step(i, ("cond", "uncond"))
-                    v_c, v_u = predict_velocity(model, torch.cat([x, x]), both, t).chunk(2)
+                    v_c, v_u = predict_velocity(model, torch.cat([x, x]), both, t, c_both).chunk(2)
                 elif full:
                     if session is not None:
                         session.begin_step(i, ("cond",))
-                    v_c = predict_velocity(model, x, cond, t)
+                    v_c = predict_velocity(model, x, cond, t, c_cond)
                     if session is not None:
                         session.begin_step(i, ("uncond",))
-                    v_u = predict_velocity(model, x, uncond, t)
+                    v_u = predict_velocity(model, x, uncond, t, c_uncond)
                 else:  # FasterCache CFG-Cache: only the conditional pass runs
                     session.begin_step(i, ("cond",))
-                    v_c = predict_velocity(model, x, cond, t)
+                    v_c = predict_velocity(model, x, cond, t, c_cond)
                     v_u = session.rebuild_uncond(v_c, i)
                 if session is not None and full:
                     session.store_cfg_residual(v_c, v_u, i)
@@ -234,4 +257,4 @@ def enable_sequence_parallel(model, mesh=None):
 
 
 __all__ = ["GUIDANCE_SCHEDULES", "TextCondition", "enable_sequence_parallel", "flow_sigmas", "guidance_scales",
-           "predict_velocity", "released_guidance_check", "sample", "shift_sigmas"]
+           "predict_velocity", "released_guidance_check", "sample", "shift_sigmas", "unconditional_condition"]

@@ -32,6 +32,7 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 from torch import nn
 
 from .attention import VchitectAttention, check_backend
+from .condition_adapter import ConditionAdapter
 from .embeddings import PatchEmbed, frame_sincos_table, rope_cos_sin
 
 
@@ -115,7 +116,8 @@ class VchitectTransformer3DModel(ModelMixin, ConfigMixin):
                  pos_embed_max_size: int = 192, mlp_ratio: float = 4.0, spatial_scale: float = 1.1,
                  rope_theta: float = 1.0e6, rope_scaling_factor: float = 1.0, qk_norm: str = "none",
                  attention_backend: str = "sdpa", frame_pos_embed: str = "none", prediction: str = "velocity",
-                 prediction_t_min: float = 0.05):
+                 prediction_t_min: float = 0.05, condition_channels: int = 0, condition_vae_spatial_factor: int = 8,
+                 condition_vae_temporal_factor: int = 4, condition_hidden_channels: int = 64):
         super().__init__()
         check_backend(attention_backend)
         if frame_pos_embed not in ("none", "sincos"):
@@ -142,6 +144,13 @@ class VchitectTransformer3DModel(ModelMixin, ConfigMixin):
         ])
         self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
+        # Many-for-Many condition adapter (condition_adapter.py): built last, so that turning it on
+        # leaves the init of every other parameter (same seed) as it was; zero output at init.
+        self.condition_adapter = None
+        if condition_channels > 0:
+            self.condition_adapter = ConditionAdapter(condition_channels, dim, patch_size,
+                                                      condition_vae_spatial_factor, condition_vae_temporal_factor,
+                                                      condition_hidden_channels)
         self.gradient_checkpointing = False
 
     def unused_parameter_names(self) -> list[str]:
@@ -152,15 +161,26 @@ class VchitectTransformer3DModel(ModelMixin, ConfigMixin):
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, timestep: torch.Tensor,
-                encoder_attention_mask: Optional[torch.Tensor] = None, return_dict: bool = True):
+                encoder_attention_mask: Optional[torch.Tensor] = None, return_dict: bool = True,
+                condition: Optional[torch.Tensor] = None):
         """hidden_states B×C×F×H×W, encoder_hidden_states B×L×Dt, encoder_attention_mask B×L (bool or
-        0/1; None = all tokens valid), pooled_projections B×P, timestep B → prediction B×C×F×H×W."""
+        0/1; None = all tokens valid), pooled_projections B×P, timestep B → prediction B×C×F×H×W.
+
+        ``condition`` B×Cc×F_pix×H_pix×W_pix (pixel space: condition RGB with unknown pixels zeroed,
+        the known-pixel mask, optionally depth) goes through the condition adapter and is added to
+        the patch embeddings; ignored (None) means exactly the model without the adapter."""
         B, C, Fr, H, W = hidden_states.shape
         p = self.config.patch_size
         gh, gw = self.pos_embed.grid(H, W)
 
         frames = hidden_states.transpose(1, 2).reshape(B * Fr, C, H, W)
         x = self.pos_embed(frames)  # N×S×D, N = B·F
+        if condition is not None:
+            if self.condition_adapter is None:
+                raise ValueError("a condition was given but the model has no condition adapter; set "
+                                 "model.condition_channels (4, or 5 with depth) to train one")
+            # Under sequence parallelism both outputs are sliced to the local tokens by hooks.
+            x = x + self.condition_adapter(condition, (Fr, gh, gw)).to(x.dtype)
         if self.config.frame_pos_embed == "sincos":
             table = frame_sincos_table(Fr, self.inner_dim, self.config.rope_scaling_factor, device=x.device)
             x = (x.unflatten(0, (B, Fr)) + table[:, None, :].to(x.dtype)).flatten(0, 1)

@@ -8,7 +8,9 @@ diffusers model folder with ``config.json`` next to the weights, or a pipeline f
 **Vchitect-2.0 mapping.** Our parameter names are the released ``VchitectXLTransformerModel``'s,
 so the mapping is the identity, and loading is strict: every released key must land on a
 parameter of the same shape and every parameter must be covered. The only tolerated difference
-is the ``pos_embed.pos_embed`` buffer, which is recomputed when a checkpoint omits it.
+is the ``pos_embed.pos_embed`` buffer, which is recomputed when a checkpoint omits it, and the
+add-ons that no released checkpoint has (``ADD_ON_PREFIXES``: the condition adapter), which keep
+their zero-output init when the model has them on and the checkpoint does not carry them.
 See docs/weights.md for the table of what each key is.
 
 **SD3 initialisation** (the Vchitect-2.0 recipe: start from an image MMDiT). SD3 keys are a
@@ -31,6 +33,9 @@ from .transformer import VchitectTransformer3DModel
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 OPTIONAL_BUFFERS = {"pos_embed.pos_embed"}
+# Add-on modules that no released checkpoint has (key prefixes). A model with one of them on loads
+# a released checkpoint and keeps the add-on at its constructor init (identity: zero output).
+ADD_ON_PREFIXES = ("condition_adapter.",)
 # Parameters that exist only in our video block, relative to an SD3 block (name fragments).
 VIDEO_ONLY = ("to_q_temp", "to_k_temp", "to_v_temp", "to_q_cross", "to_out_temporal", "to_out_context",
               "to_add_out_temporal", "norm_q_temp", "norm_k_temp", "norm_q_cross")
@@ -116,10 +121,17 @@ def _check_shapes(own: dict, ckpt: dict, source: str) -> None:
                                     f"{own[key]}; check that the model config matches the checkpoint")
 
 
+def absent_add_ons(own: dict, ckpt: dict) -> set[str]:
+    """Model keys of the add-ons (``ADD_ON_PREFIXES``) that the checkpoint has none of: those stay at
+    their init. An add-on the checkpoint carries in part is not tolerated (its missing keys count)."""
+    return {k for prefix in ADD_ON_PREFIXES if not any(c.startswith(prefix) for c in ckpt)
+            for k in own if k.startswith(prefix)}
+
+
 def check_vchitect2(own: dict, ckpt: dict, source: str) -> None:
     """A Vchitect-2.0 checkpoint (key → shape) must cover the model (key → shape) exactly."""
     _check_shapes(own, ckpt, source)
-    missing = sorted(set(own) - set(ckpt) - OPTIONAL_BUFFERS)
+    missing = sorted(set(own) - set(ckpt) - OPTIONAL_BUFFERS - absent_add_ons(own, ckpt))
     unexpected = sorted(set(ckpt) - set(own))
     if missing or unexpected:
         parts = []
@@ -141,7 +153,8 @@ def check_sd3(own: dict, ckpt: dict, source: str) -> None:
         raise WeightImportError(f"{source}: {len(unexpected)} SD3 keys have no place in this model (first: "
                                 f"{unexpected[:5]}); check num_layers and qk_norm against the SD3 config")
     not_loaded = sorted(set(own) - set(ckpt) - OPTIONAL_BUFFERS)
-    stray = [k for k in not_loaded if not any(f".{part}." in k for part in VIDEO_ONLY)]
+    add_ons = absent_add_ons(own, ckpt)
+    stray = [k for k in not_loaded if not any(f".{part}." in k for part in VIDEO_ONLY) and k not in add_ons]
     if stray:
         raise WeightImportError(f"{source}: the SD3 checkpoint does not cover {len(stray)} image-model keys "
                                 f"(first: {stray[:5]}); is it the same width and depth?")

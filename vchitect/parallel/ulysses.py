@@ -34,7 +34,8 @@ factor to the data-parallel size). The output gather's backward is a plain slice
 downstream of it is computed identically on every SP rank.
 
 Hooks (the model file stays free of torch.distributed): a forward hook on ``pos_embed`` pads and
-slices the tokens, a forward hook on ``proj_out`` gathers them back (so the final adaLN and the
+slices the tokens (and one on the condition adapter, whose tokens are added to them, slices its
+output the same way), a forward hook on ``proj_out`` gathers them back (so the final adaLN and the
 output projection run on the local shard), and each ``VchitectAttention.attention_fn`` seam is a
 :class:`UlyssesAttention`.
 """
@@ -260,6 +261,10 @@ def apply_ulysses(model: nn.Module, sp_mesh) -> UlyssesContext:
         return sp.gather(x)
 
     model.pos_embed.register_forward_hook(split_tokens)
+    if getattr(model, "condition_adapter", None) is not None:
+        # its N×S×D tokens are added to pos_embed's: the same local range (computed on every rank
+        # from the replicated condition; its parameters get partial gradients, summed over SP)
+        model.condition_adapter.register_forward_hook(split_tokens)
     model.proj_out.register_forward_hook(gather_tokens)
     for block in model.transformer_blocks:
         block.attn.attention_fn = UlyssesAttention(sp, block.attn.backend)

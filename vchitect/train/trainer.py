@@ -240,6 +240,15 @@ class Trainer:
         log.info("resumed from %s at step %d (saved on %s ranks as %s)", path, self.step, meta.get("world_size"),
                  meta.get("layout"))
 
+    def _without_condition(self, batch: dict) -> dict:
+        """The data carries task conditions but the model has no condition adapter: train text-only."""
+        if not getattr(self, "_warned_condition", False):
+            log.warning("the batches carry a task condition (batch['condition']) but model.condition_channels=0, "
+                        "so the model has no condition adapter and ignores it; set model.condition_channels=4 "
+                        "(5 with depth) to train multi-task conditioning")
+            self._warned_condition = True
+        return {k: v for k, v in batch.items() if k != "condition"}
+
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, batches: list[dict]) -> dict:
         """Forward/backward over the micro-batches, clip, and step unless the result is non-finite."""
@@ -252,6 +261,8 @@ class Trainer:
         manual_seed(tc.seed, self.dims, self.step)  # dropout: equal within an SP/TP group
         for micro, batch in enumerate(batches):
             batch = encode_batch(batch, self.vae, self.text_encoder, self.device, sp_group=self.sp_group)
+            if batch.get("condition") is not None and not self.cfg.model.condition_channels:
+                batch = self._without_condition(batch)
             g = generator_for_rank(tc.seed, self.dims, step=self.step * accum + micro)
             x0 = batch["latents"]
             B, _, Fr, H, W = x0.shape

@@ -18,7 +18,9 @@ log = logging.getLogger("vchitect.train")
 
 
 @torch.no_grad()
-def run_validation(trainer) -> None:
+def run_validation(trainer, condition=None) -> None:
+    """``condition``: an optional pixel-space condition (n×Cc×F_pix×H_pix×W_pix, one per prompt) for a
+    model with a condition adapter, given at every step (sampling.sample)."""
     vc = trainer.cfg.train.validation
     if not vc.prompts:
         return
@@ -41,7 +43,8 @@ def run_validation(trainer) -> None:
     model.eval()
     try:
         x0 = sample(model, noise, cond, uncond, sigmas=flow_sigmas(vc.steps, trainer.cfg.diffusion.shift),
-                    guidance_scale=vc.guidance_scale)
+                    guidance_scale=vc.guidance_scale,
+                    condition=None if condition is None else condition.to(device))
     finally:
         model.train()
     if trainer.rank != 0:
