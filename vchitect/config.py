@@ -106,9 +106,18 @@ class Config:
                  ("data.text.pooled_dim", d.text.pooled_dim, "model.pooled_projection_dim", m.pooled_projection_dim),
                  ("data.latent_channels", d.latent_channels, "model.in_channels", m.in_channels),
                  ("data.patch_size", d.patch_size, "model.patch_size", m.patch_size)]
+        if m.condition_channels:  # the adapter downsamples the pixel condition as the VAE does the pixels
+            pairs += [("data.vae_spatial_factor", d.vae_spatial_factor, "model.condition_vae_spatial_factor",
+                       m.condition_vae_spatial_factor),
+                      ("data.vae_temporal_factor", d.vae_temporal_factor, "model.condition_vae_temporal_factor",
+                       m.condition_vae_temporal_factor)]
         for a, va, b, vb in pairs:
             if va != vb:
                 raise ConfigError(f"{a}={va} does not match {b}={vb}; set both to the same value")
+        if d.tasks and not m.condition_channels:
+            raise ConfigError(f"data.tasks={dict(d.tasks)} builds task conditions, but model.condition_channels=0 "
+                              f"(no condition adapter) would train them as text-to-video; set "
+                              f"model.condition_channels=4 (docs/tasks.md), or leave data.tasks empty")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema=None):
