@@ -91,10 +91,23 @@ RNG_CASES = {
 }
 
 
+_DIMS: dict = {}
+
+
+def layout_dims(world: int, layout: dict) -> ParallelDims:
+    """One ParallelDims (so one set of meshes and process groups) per layout for the whole worker:
+    every parallelize of a layout reuses its meshes. Building new ones for each of the ~7 models a
+    layout parallelizes left gloo groups and their threads piling up, and later cases ran 10× slower."""
+    key = json.dumps(layout, sort_keys=True)
+    if key not in _DIMS:
+        _DIMS[key] = ParallelDims(world_size=world, **layout)
+    return _DIMS[key]
+
+
 def run_rng_case(name: str, layout: dict, world: int) -> dict:
     """Ranks of one SP/TP group must draw the same noise / dropout and get the same rows of the
     global batch; data-parallel groups must differ."""
-    dims = ParallelDims(world_size=world, **layout)
+    dims = layout_dims(world, layout)
     dims.build_mesh("cpu")
     noise = torch.randn(4, generator=generator_for_rank(7, dims, step=3))
     manual_seed(7, dims, step=3)
@@ -200,7 +213,7 @@ def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
 
-    dims = ParallelDims(world_size=world, **layout)
+    dims = layout_dims(world, layout)
     parallelize(model, dims, case_config(opts), device_type="cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, eps=ADAM_EPS)
     rows = data_parallel_slice(GLOBAL_BATCH, dims)
@@ -301,12 +314,12 @@ def run_meta_case(layout: dict, opts: dict, world: int, folder: Path) -> dict:
         ref = VchitectTransformer3DModel(**model_kw)
         if source != "random":
             (load_vchitect2 if source == "vchitect2" else init_from_sd3)(paths[source], ref)
-        parallelize(ref, ParallelDims(world_size=world, **layout), case_config(opts), device_type="cpu")
+        parallelize(ref, layout_dims(world, layout), case_config(opts), device_type="cpu")
         expected = local_tensors(ref)
 
         model, record = build_on_meta(lambda: VchitectTransformer3DModel(**model_kw))
         weights = None if source == "random" else open_initial_weights(source, paths[source], model)
-        parallelize(model, ParallelDims(world_size=world, **layout), case_config(opts), device_type="cpu")
+        parallelize(model, layout_dims(world, layout), case_config(opts), device_type="cpu")
         loaded = materialize(model, record, "cpu", seed=META_SEED, weights=weights)
         got = local_tensors(model)
         mismatch = sorted(n for n in expected if n not in got or got[n][1] != expected[n][1]
