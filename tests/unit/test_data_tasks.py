@@ -230,6 +230,31 @@ def test_vedit_only_skips_samples_without_src_and_counts_them(task_dir):
     assert loader.metrics()["data/skipped/no_task"] > 0
 
 
+def test_a_source_with_its_own_tasks_draws_only_those(task_dir, tmp_path):
+    """data.sources[i].tasks overrides data.tasks for that source's samples (removal pairs: vedit only)."""
+    other = tmp_path / "other"
+    other.mkdir()
+    write_shard(str(other / "train-000000.tar"), [sample(f"o{i:04d}", 72, 48, 20, clip=make_clip(72, 48, 20))
+                                                  for i in range(6)])
+    cfg = cfg_for(task_dir, image_ratio=0.0, tasks={"t2v": 1.0, "i2v": 1.0},
+                  sources=[{"uri": str(task_dir), "tasks": {"vedit": 1.0}}, {"uri": str(other)}])
+    by_source: dict[str, set] = {"v": set(), "o": set()}
+    for b in take(build_loader(cfg), 16):
+        for key, task in zip(b["keys"], b["tasks"]):
+            by_source[key[0]].add(task)
+    assert by_source["v"] == {"vedit"} and by_source["o"] == {"t2v", "i2v"}
+
+
+@pytest.mark.parametrize("sources,tasks,match", [
+    ([{"uri": "x", "tasks": {"vedit": 1.0}}], {}, r"data\.sources\[0\]\.tasks is set but data\.tasks is empty"),
+    ([{"uri": "x"}, {"uri": "y", "tasks": {"rm": 1.0}}], {"t2v": 1.0}, r"data\.sources\[1\]\.tasks\.rm: unknown"),
+    ([{"uri": "x", "tasks": {"vedit": 0}}], {"t2v": 1.0}, r"data\.sources\[0\]\.tasks: the weights sum to 0"),
+])
+def test_per_source_task_errors_name_the_source(task_dir, sources, tasks, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg_for(task_dir, sources=sources, tasks=tasks).validate()
+
+
 def test_collate_mixes_tasks_in_one_batch(task_dir):
     members = _members(task_dir)
     dec = SampleDecoder(cfg_for(task_dir, image_ratio=0.0, tasks={"t2v": 1.0, "vedit": 1.0}))

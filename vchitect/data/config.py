@@ -21,6 +21,8 @@ class SourceConfig:
                        "(`data/shard-{000000..000099}.tar`, `data/*.tar`), or `s3://bucket/prefix`")
     weight: float = setting(1.0, min=0.0, help="mixing weight; sources are drawn per sample with "
                             "probability weight / sum(weights)")
+    tasks: dict = setting(default_factory=dict, help="this source's own task weights (same form as data.tasks, "
+                          "which must be set), e.g. {vedit: 1} for removal pairs; empty = data.tasks")
 
 
 @dataclass
@@ -270,23 +272,29 @@ class DataConfig:
 
 def check_tasks(cfg: "DataConfig") -> None:
     """``data.tasks``: known names, numeric weights, the buckets and modes the tasks need."""
+    per_source = {f"data.sources[{i}].tasks": s.tasks for i, s in enumerate(cfg.sources) if s.tasks}
     if not cfg.tasks:
+        if per_source:
+            raise ConfigError(f"{next(iter(per_source))} is set but data.tasks is empty: set data.tasks (the task "
+                              f"weights of the sources without their own), or remove the source's tasks")
         return
     from .tasks import TASKS
 
-    for name, w in cfg.tasks.items():
-        if name not in TASKS:
-            raise ConfigError(f"data.tasks.{name}: unknown task; valid names: {', '.join(TASKS)}")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise ConfigError(f"data.tasks.{name}={w!r}: expected a weight >= 0")
-    if sum(cfg.tasks.values()) <= 0:
-        raise ConfigError("data.tasks: the weights sum to 0; give at least one task a weight > 0, or "
-                          "remove data.tasks")
+    for where, weights in {"data.tasks": cfg.tasks, **per_source}.items():
+        for name, w in weights.items():
+            if name not in TASKS:
+                raise ConfigError(f"{where}.{name}: unknown task; valid names: {', '.join(TASKS)}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+                raise ConfigError(f"{where}.{name}={w!r}: expected a weight >= 0")
+        if sum(weights.values()) <= 0:
+            raise ConfigError(f"{where}: the weights sum to 0; give at least one task a weight > 0, or "
+                              f"remove {where}")
     if cfg.source != "shards" or cfg.mode != "decode":
         raise ConfigError(f"data.tasks builds each condition from the clip's pixels, which needs data.source: "
                           f"shards and data.mode: decode (got source {cfg.source}, mode {cfg.mode}); set "
                           f"data.mode: decode, or remove data.tasks")
-    weighted = [n for n, w in cfg.tasks.items() if w > 0]
+    weighted = list(dict.fromkeys(n for weights in (cfg.tasks, *per_source.values()) for n, w in weights.items()
+                                  if w > 0))
     image = [n for n in weighted if TASKS[n].image]
     video = [n for n in weighted if not TASKS[n].image]
     if image and not any(b.frames == 1 for b in cfg.buckets):

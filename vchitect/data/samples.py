@@ -87,7 +87,7 @@ class SampleDecoder:
         rng = sample_rng(self.cfg.seed, epoch, key)
         return rng, bool(rng.random() < self.cfg.image_ratio)
 
-    def __call__(self, key: str, members: dict, epoch: int, shard: str = "?") -> Sample:
+    def __call__(self, key: str, members: dict, epoch: int, shard: str = "?", source: int = 0) -> Sample:
         rng, as_image = self._draw(key, epoch)
         caption = _caption(members)
         mode = self.cfg.mode
@@ -95,7 +95,7 @@ class SampleDecoder:
             mode = "precomputed" if "latent.npy" in members else "decode"
         if mode == "precomputed":
             return self._precomputed(key, caption, members, as_image, shard)
-        return self._decode(key, caption, members, as_image, rng)
+        return self._decode(key, caption, members, as_image, rng, source=source)
 
     def decode_clip(self, key: str, mp4: bytes, epoch: int = 0, image: bool = False) -> Sample:
         """The crop decode mode reads from sample ``key``'s ``mp4`` in ``epoch`` — its bucket and
@@ -104,7 +104,7 @@ class SampleDecoder:
         rng, _ = self._draw(key, epoch)
         return self._decode(key, "", {"mp4": mp4}, image, rng, tasks=False)
 
-    def _decode(self, key, caption, members, as_image, rng, tasks=True) -> Sample:
+    def _decode(self, key, caption, members, as_image, rng, tasks=True, source: int = 0) -> Sample:
         cfg = self.cfg
         img = next((e for e in IMAGE_EXTS if e in members), None)
         frames = None
@@ -119,19 +119,24 @@ class SampleDecoder:
             raise BadSample("missing_member", "no mp4 or image")
         sample = Sample(key, caption, bucket, "pixels", {"pixels": pixels}, frames)
         if tasks and cfg.tasks:
-            self._add_task(sample, members, rng)
+            self._add_task(sample, members, rng, self.task_weights(source))
         return sample
 
     def _side_member(self, side: str) -> Optional[str]:
         return SRC_MEMBER if side == "src" else self.cfg.task_options.depth_member
 
-    def _add_task(self, sample: Sample, members: dict, rng) -> None:
+    def task_weights(self, source: int) -> dict:
+        """The task weights of samples of source ``source``: its own ``tasks``, else ``data.tasks``."""
+        srcs = self.cfg.sources
+        return (srcs[source].tasks if source < len(srcs) else None) or self.cfg.tasks
+
+    def _add_task(self, sample: Sample, members: dict, rng, weights: dict) -> None:
         """Draw the sample's task (after its frames, from the same generator) and build its condition."""
         pixels = sample.arrays["pixels"]  # 3×F×H×W
         has_side = lambda side: sample.frames is not None and self._side_member(side) in members  # noqa: E731
-        task = draw_task(rng, self.cfg.tasks, pixels.shape[1], has_side)
+        task = draw_task(rng, weights, pixels.shape[1], has_side)
         if task is None:
-            raise BadSample("no_task", f"no task of data.tasks ({', '.join(self.cfg.tasks)}) applies to this "
+            raise BadSample("no_task", f"no task of ({', '.join(weights)}) applies to this "
                             f"{pixels.shape[1]}-frame sample (image tasks need 1 frame, video tasks more; "
                             f"vedit needs {SRC_MEMBER}, depth its depth member)")
         side = None

@@ -104,9 +104,10 @@ class WorkerStream:
                                                                                 p=self.weights))
 
     # -- samples → batches --------------------------------------------------------------------
-    def _process(self, url: str, index: int, key: str, members: dict, epoch: int) -> Optional[Sample]:
+    def _process(self, url: str, index: int, key: str, members: dict, epoch: int,
+                 source: int = 0) -> Optional[Sample]:
         try:
-            return self.decoder(key, members, epoch, shard=url)
+            return self.decoder(key, members, epoch, shard=url, source=source)
         except BadSample as exc:
             self.st["skipped"][exc.reason] = self.st["skipped"].get(exc.reason, 0) + 1
             if (url, key) not in self.logged:
@@ -140,7 +141,7 @@ class WorkerStream:
         for e in sorted(self.st["pending"], key=lambda e: e["seq"]):  # bucket buffers, arrival order
             if (e["url"], e["index"]) in raw:
                 key, members = raw[(e["url"], e["index"])]
-                sample = self._process(e["url"], e["index"], key, members, e["epoch"])
+                sample = self._process(e["url"], e["index"], key, members, e["epoch"], e["source"])
                 if sample is not None:  # it was good when it was first read
                     self.buffers[(sample.kind, sample.bucket)].append((sample, e))
         for e in self.st["shuffle"]:
@@ -178,7 +179,7 @@ class WorkerStream:
         iters = [self._source_iter(s) for s in range(len(self.shards))]
         while True:
             entry, key, members = self._next_raw(iters)
-            sample = self._process(entry["url"], entry["index"], key, members, entry["epoch"])
+            sample = self._process(entry["url"], entry["index"], key, members, entry["epoch"], entry["source"])
             if sample is None:
                 continue
             self.st["arrivals"] += 1
