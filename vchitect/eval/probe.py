@@ -194,4 +194,103 @@ def result_dict(r: ProbeResult) -> dict:
     return asdict(r)
 
 
-__all__ = ["ProbeResult", "RemovalProbe", "parse_prompt", "probe_removal", "probe_video", "result_dict", "score"]
+
+
+# -- conditional tasks (Many-for-Many; docs/tasks.md): where is the object, given what was given -----------
+
+def object_track(frames: np.ndarray, color: str, threshold: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """The object of vocabulary colour ``color`` in ``frames`` (F×H×W×3 uint8): its per-frame centroid
+    (F×2, x and y in pixels, NaN where the frame has none of it) and whether it lies wholly inside the
+    frame (F bools: some of it is there and none of it touches the one-pixel border)."""
+    x = np.asarray(frames, np.float32)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"object_track: expected F×H×W×3 frames, got {x.shape}")
+    if color not in COLORS:
+        raise ValueError(f"object_track: color={color!r} is not a vocabulary colour ({', '.join(COLORS)})")
+    mask = _colour_masks(x, _background(x), [color], threshold)[color]
+    border = mask[:, 0].any(1) | mask[:, -1].any(1) | mask[:, :, 0].any(1) | mask[:, :, -1].any(1)
+    return _centroids(mask), mask.any(axis=(1, 2)) & ~border
+
+
+def _px(side: int) -> float:
+    """Pixel tolerances of the probes are given for a 16-pixel frame side; this scales them."""
+    return side / 16.0
+
+
+@dataclass
+class PositionProbe:
+    """A conditional-task judgement: the generated object's centroid error on the judged frames."""
+    error: float              # px (mean over the judged frames; inf where the object is missing in one)
+    frames: list[int]         # the judged frames (the object wholly inside the frame in the reference)
+    max_error: float          # the tolerance in px at this frame size
+    color_kept: bool          # the generated video's dominant colour is the reference object's
+    direction: Optional[str]  # the generated motion's direction (probe_video), for i2v
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.max_error
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), ok=self.ok)
+
+
+def _judge(gen: np.ndarray, ref_xy: np.ndarray, frames: list[int], color: str, tol_16: float) -> PositionProbe:
+    F, H, W, _ = gen.shape
+    xy, _ = object_track(gen, color)
+    err = np.linalg.norm(xy[frames] - ref_xy, axis=-1) if frames else np.array([np.inf])
+    error = float(err.mean()) if np.isfinite(err).all() else float("inf")
+    probe = probe_video(gen)
+    return PositionProbe(error, list(frames), tol_16 * _px(max(H, W)), probe.color == color, probe.direction)
+
+
+def probe_i2v(frames: np.ndarray, given: np.ndarray, color: str, max_error: float = 1.5) -> PositionProbe:
+    """Image-to-video: does frame 0 of ``frames`` (the raw output, F×H×W×3) put the object where the
+    given first frame ``given`` (H×W×3) has it? ``max_error`` px at a 16-px side (scaled). Also reports
+    whether the dominant colour is kept and the direction of motion (to compare with the prompt)."""
+    ref_xy, inside = object_track(np.asarray(given)[None], color)
+    if not inside[0]:
+        raise ValueError("probe_i2v: the given frame must show the object wholly inside the frame")
+    return _judge(np.asarray(frames), ref_xy, [0], color, max_error)
+
+
+def segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """Distance of point ``p`` from the segment ``a``–``b`` (all (x, y))."""
+    ab = b - a
+    t = float(np.clip(np.dot(p - a, ab) / max(float(np.dot(ab, ab)), 1e-9), 0.0, 1.0))
+    return float(np.linalg.norm(p - (a + t * ab)))
+
+
+def probe_itrans(frames: np.ndarray, first: np.ndarray, last: np.ndarray, color: str,
+                 max_error: float = 2.0) -> PositionProbe:
+    """First + last frame transition: is the object of the middle frame (F // 2) of ``frames`` within
+    ``max_error`` px (16-px side, scaled) of the straight path between its centroids in ``first`` and
+    ``last`` (H×W×3 each, the object wholly inside both)?"""
+    gen = np.asarray(frames)
+    ends, inside = object_track(np.stack([first, last]), color)
+    if not inside.all():
+        raise ValueError("probe_itrans: the given first and last frames must show the object wholly inside")
+    m = gen.shape[0] // 2
+    xy, _ = object_track(gen, color)
+    err = segment_distance(xy[m], ends[0], ends[1]) if np.isfinite(xy[m]).all() else float("inf")
+    probe = probe_video(gen)
+    return PositionProbe(err, [m], max_error * _px(max(gen.shape[1:3])), probe.color == color, probe.direction)
+
+
+def probe_inpaint(frames: np.ndarray, truth: np.ndarray, hole: np.ndarray, color: str,
+                  max_error: float = 2.0) -> PositionProbe:
+    """Inpainting: ``hole`` (F×H×W bool, True = unknown) hides the object's path in some frames of the
+    ground-truth clip ``truth``; does the object reappear in ``frames`` on its trajectory there? Judged
+    on the frames where the hole covers the whole object and the object is wholly inside the frame:
+    mean centroid error ≤ ``max_error`` px (16-px side, scaled)."""
+    gen, ref = np.asarray(frames), np.asarray(truth)
+    hole = np.asarray(hole, bool)
+    xy, inside = object_track(ref, color)
+    obj = _colour_masks(ref.astype(np.float32), _background(ref.astype(np.float32)), [color], 60.0)[color]
+    covered = [f for f in range(ref.shape[0]) if inside[f] and obj[f].any() and hole[f][obj[f]].all()]
+    if not covered:
+        raise ValueError("probe_inpaint: the hole covers the object wholly in no frame where it is inside")
+    return _judge(gen, xy[covered], covered, color, max_error)
+
+
+__all__ = ["PositionProbe", "ProbeResult", "RemovalProbe", "object_track", "parse_prompt", "probe_i2v", "probe_inpaint",
+           "probe_itrans", "probe_removal", "probe_video", "result_dict", "score", "segment_distance"]
