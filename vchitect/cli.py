@@ -9,7 +9,8 @@
     vchitect export CKPT OUT [--ema] [--dtype …]  checkpoint → diffusers pipeline folder
     vchitect sample (CONFIG CKPT | EXPORT_DIR) --prompt … --out video.mp4 [--preset vchitect2-released]
     vchitect submit (train|curate) CONFIG --nodes N --gpus-per-node G [--dry-run]
-    vchitect demo [--out demo_out] [--quick]      the whole pipeline on CPU (docs/demo.md); --smoke: one step
+    vchitect demo [--out demo_out] [--quick]      the whole pipeline on CPU (docs/demo.md); --smoke: one step;
+                                                   --tasks [--base DEMO_OUT]: the multi-task learning proof
     vchitect eval VIDEOS_DIR                      VBench-style metrics and the prompt-following probe
     vchitect --version
 
@@ -186,6 +187,19 @@ def cmd_demo(args) -> int:
         from .demo.smoke import run_smoke
 
         return run_smoke(args.config, args.overrides)
+    if args.tasks:
+        from .demo.tasks_demo import TasksSettings, run_tasks_demo
+
+        out = Path(args.out if args.out != "demo_out" else "demo_tasks_out")
+        base = Path(args.base) if args.base else None
+        t = (TasksSettings.quick_settings(out, base, args.overrides) if args.quick
+             else TasksSettings(out=out, base=base, overrides=args.overrides))
+        if args.steps is not None:
+            t.steps = args.steps
+        run_tasks_demo(t)
+        return 0
+    if args.base:
+        raise SystemExit("vchitect demo: --base goes with --tasks (the T2V demo output to fine-tune)")
     from .demo import DemoSettings, run_demo
 
     out = Path(args.out)
@@ -399,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
     p_demo.add_argument("--videos", type=int, default=None, help="clean raw videos of 3 shots (default 48)")
     p_demo.add_argument("--smoke", action="store_true", help="only one forward + backward of the demo model")
+    p_demo.add_argument("--tasks", action="store_true", help="the Many-for-Many learning proof: fine-tune the T2V "
+                        "demo model on i2v, itrans, vinp, removal and t2v, then probe both (default --out "
+                        "demo_tasks_out; docs/demo.md)")
+    p_demo.add_argument("--base", default=None, help="--tasks: the output folder of a finished `vchitect demo` "
+                        "(its export/ and shards/); without it the T2V demo runs first into OUT/base")
     p_demo.add_argument("--config", default=None, help="--smoke: model config (default: configs/model/demo.yaml)")
     p_demo.add_argument("overrides", nargs="*", help="dotted overrides of the training config "
                         "(with --smoke: of the model config)")

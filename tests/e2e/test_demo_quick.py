@@ -31,3 +31,18 @@ def test_quick_demo_writes_every_output(env_with_vchitect_wheel, tmp_path):
     assert "probe: training combos" in r.stdout and "temporal flickering" in r.stdout
     e = env.run(["vchitect", "eval", str(out / "samples")], cwd=tmp_path, timeout=300)
     assert e.returncode == 0 and "subject consistency" in e.stdout, e.stderr
+    # the multi-task learning proof on the same base, every stage on a tiny budget (docs/demo.md, "Multi-task")
+    tasks_out = tmp_path / "tasks_out"
+    t = env.run(["vchitect", "demo", "--tasks", "--quick", "--base", str(out), "--out", str(tasks_out)],
+                cwd=tmp_path, timeout=600, env={"WANDB_MODE": "disabled", "WANDB_API_KEY": ""})
+    assert t.returncode == 0, t.stdout[-3000:] + t.stderr[-3000:]
+    ts = json.loads((tasks_out / "tasks_summary.json").read_text())
+    assert ts["train"]["steps"] == 4 and ts["shards"]["motion_clips"] == 24
+    for model in ("tuned", "base_model"):
+        for task in ("i2v", "itrans", "vinp", "vedit"):
+            assert ts[model][task]["figures"]["n"] == 3, (model, task)
+        assert ts[model]["t2v"]["figures"]["train"]["n"] > 0
+    assert (tasks_out / "tasks_sheet.png").stat().st_size > 0 and (tasks_out / "tasks_sheet_base.png").is_file()
+    assert "vchitect demo --tasks" in t.stdout and "removal" in t.stdout
+    bad = env.run(["vchitect", "demo", "--tasks", "--base", str(tmp_path / "nothing")], cwd=tmp_path, timeout=120)
+    assert bad.returncode != 0 and "not a finished `vchitect demo` output folder" in bad.stdout + bad.stderr
