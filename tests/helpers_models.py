@@ -12,6 +12,18 @@ WORDS = ("a red green blue yellow purple orange circle square triangle moves fro
          "top bottom the video shows shape on background").split()
 
 
+def inputs(B=2, F=3, H=8, W=12, L=5, seed=1) -> dict:
+    """Random forward() inputs of the tiny transformers of tests/unit/test_model.py and
+    test_condition_adapter.py (4 latent channels, text width 24, pooled width 12)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(B, 4, F, H, W, generator=g),
+                encoder_hidden_states=torch.randn(B, L, 24, generator=g),
+                pooled_projections=torch.randn(B, 12, generator=g),
+                timestep=torch.rand(B, generator=g) * 1000)
+
+
 def _tokenizer(folder: str):
     from transformers import BertTokenizerFast
 

@@ -1,10 +1,12 @@
 """The tiny CPU training run shared by the tests that start real runs (tests/distributed, tests/slurm):
-its config, the CLI as a subprocess, and the comparisons of two runs (losses, tensors)."""
+its config, the CLI as a subprocess (also under a pseudo-terminal: :func:`run_cli`), and the comparisons
+of two runs (losses, tensors)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +31,50 @@ TINY_RUN = {
               "ema_decay": 0.9, "checkpoint_every": 6, "keep_checkpoints": 5, "log_every": 1, "progress": False,
               "tensorboard": False, "wandb": {"mode": "disabled"}},
 }
+
+
+def strip_terminal(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
+
+
+def run_cli(args: list[str], in_pty: bool = False, timeout: float = 300,
+            env: dict | None = None) -> tuple[int, str, float]:
+    """(exit code, stdout + stderr, seconds) of ``python -m vchitect.cli ARGS``; under a pseudo-terminal
+    80 columns wide when ``in_pty`` (rich then colours and would wrap at 80). ``env``: default :data:`ENV`."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    env = ENV if env is None else env
+    cmd = [sys.executable, "-m", "vchitect.cli", *args]
+    t0 = time.time()
+    if not in_pty:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        return r.returncode, r.stdout + r.stderr, time.time() - t0
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=dict(env, TERM="xterm-256color"))
+    os.close(slave)
+    out = b""
+    try:
+        while time.time() - t0 < timeout:
+            if select.select([master], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every process holding the terminal has gone
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        code = proc.wait(timeout=30)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return code, strip_terminal(out.decode(errors="replace")), time.time() - t0
 
 
 def write_config(tmp: Path, name: str = "run.yaml", **sections) -> Path:

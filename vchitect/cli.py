@@ -8,6 +8,7 @@
     vchitect launch --nproc N train CONFIG …      N local ranks (signals forwarded)
     vchitect export CKPT OUT [--ema] [--dtype …]  checkpoint → diffusers pipeline folder
     vchitect sample (CONFIG CKPT | EXPORT_DIR) --prompt … --out video.mp4 [--preset vchitect2-released]
+                    [--task i2v --image first.png …]  a Many-for-Many task (docs/sampling.md)
     vchitect submit (train|curate) CONFIG --nodes N --gpus-per-node G [--dry-run]
     vchitect demo [--out demo_out] [--quick]      the whole pipeline on CPU (docs/demo.md); --smoke: one step;
                                                    --tasks [--base DEMO_OUT]: the multi-task learning proof
@@ -248,13 +249,56 @@ def sample_source_problem(source: Path) -> str | None:
             f"a step-… folder written by `vchitect train`, or the run or checkpoints/ folder holding them")
 
 
+# `vchitect sample --task`: the flag of each pipeline input of vchitect.data.tasks.Task.given
+TASK_FLAGS = {"image": "--image", "video": "--video", "mask": "--mask", "depth": "--depth"}
+
+
+def sample_task_problem(args) -> str | None:
+    """What is wrong with the task flags of ``vchitect sample`` (an unknown task, missing or unexpected
+    inputs, input files that are not there), or None. Imports vchitect.data.tasks (numpy) only with a task."""
+    given = {"image": list(args.image or []), "video": list(args.video or []),
+             "mask": [args.mask] if args.mask else [], "depth": [args.depth] if args.depth else []}
+    passed = [TASK_FLAGS[k] for k, v in given.items() if v]
+    if args.task is None:
+        if passed or args.context_frames is not None or args.no_paste:
+            extra = passed + (["--context-frames"] if args.context_frames is not None else []) + \
+                (["--no-paste"] if args.no_paste else [])
+            verb = "needs" if len(extra) == 1 else "need"
+            return f"{', '.join(extra)} {verb} --task (e.g. --task i2v --image first.png; docs/sampling.md, Tasks)"
+        return None
+    from vchitect.data.tasks import TASKS
+
+    task = TASKS.get(args.task)
+    if task is None:
+        return f"--task {args.task}: not a task; choose one of {', '.join(TASKS)} (docs/tasks.md)"
+    for kind, flag in TASK_FLAGS.items():
+        need, got = task.given.count(kind), len(given[kind])
+        if need != got:
+            takes = ", ".join(f"{TASK_FLAGS[k]} PATH" + (" twice" if task.given.count(k) == 2 else "")
+                              for k in dict.fromkeys(task.given)) or "no --image, --video, --mask or --depth"
+            return f"--task {args.task} ({task.prompt}) takes {takes}; got {got} {flag}"
+    if args.context_frames is not None and args.task not in ("vexd", "vtrans"):
+        return f"--context-frames is for --task vexd and vtrans, not {args.task}"
+    for kind, paths in given.items():
+        for path in paths:
+            if not Path(path).is_file():
+                return f"{TASK_FLAGS[kind]} {path}: no such file"
+    return None
+
+
 def cmd_sample(args) -> int:
     """Arguments checked here, before vchitect.export.cli imports torch and diffusers (and before
     minutes of sampling)."""
     resolve_sample_args(args)
-    if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
-        return user_error("sample error", f"--out {args.out}: write .mp4 or .gif")
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in (".mp4", ".gif", ".png"):
+        return user_error("sample error", f"--out {args.out}: write .mp4 or .gif (or .png for one frame)")
+    if suffix == ".png" and args.frames != 1:
+        frames = "the clip's frames" if args.frames is None else f"{args.frames} frames"
+        return user_error("sample error", f"--out {args.out}: a .png holds one frame, and this samples {frames}; "
+                          f"write .mp4 or .gif, or pass --frames 1 (or an image task)")
     problem = sample_source_problem(Path(args.source)) if args.ckpt is None else None
+    problem = problem or sample_task_problem(args)
     if problem:
         return user_error("sample error", problem)
     from .export.cli import cmd_sample
@@ -289,9 +333,18 @@ SAMPLE_PRESETS = {
 }
 
 
+# tasks whose output is one frame, and those whose --video / --depth is the whole output (vchitect.data.tasks)
+IMAGE_TASKS = ("t2i", "iinp", "ioutp", "isr", "icolor")
+WHOLE_CLIP_TASKS = ("vinp", "voutp", "vsr", "vcolor", "vedit", "depth")
+
+
 def resolve_sample_args(args):
     """Fill the preset-able flags of ``vchitect sample`` the command line left out: from ``--preset``,
-    else from :data:`SAMPLE_DEFAULTS` (idempotent; returns ``args``)."""
+    else from :data:`SAMPLE_DEFAULTS` (idempotent; returns ``args``). Without ``--frames`` an image task
+    makes 1 frame and a task whose clip is the output as many as its clip (None: the pipeline counts)."""
+    task = getattr(args, "task", None)
+    if not hasattr(args, "frames") and task in IMAGE_TASKS + WHOLE_CLIP_TASKS:
+        args.frames = 1 if task in IMAGE_TASKS else None
     preset = SAMPLE_PRESETS[args.preset] if getattr(args, "preset", None) else {}
     for key, default in SAMPLE_DEFAULTS.items():
         if not hasattr(args, key):
@@ -336,6 +389,21 @@ def add_sample_parser(subparsers) -> None:
                    "cast to it (default: as exported)")
     p.add_argument("--base", default=None, help="checkpoint sources: folder with vae/, text_encoder/, tokenizer/")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    t = p.add_argument_group("Many-for-Many tasks (a model trained with model.condition_channels=4; "
+                             "docs/sampling.md, \"Tasks\")")
+    t.add_argument("--task", default=None, metavar="NAME", help="t2v, i2v, vexd, itrans, vtrans, vinp, voutp, vsr, "
+                   "vcolor, vedit, depth, t2i, iinp, ioutp, isr, icolor; the prompt gets the task's #task: suffix")
+    t.add_argument("--image", action="append", default=None, metavar="PATH", help="an image (png, jpg, …): i2v's "
+                   "first frame, the picture of iinp / ioutp / isr / icolor; itrans takes two (first, last)")
+    t.add_argument("--video", action="append", default=None, metavar="PATH", help="a clip (.mp4 or .gif): vexd's "
+                   "start, the clip of vinp / voutp / vsr / vcolor, vedit's source; vtrans takes two (head, tail)")
+    t.add_argument("--mask", default=None, metavar="PATH", help="inpainting / outpainting: white = known, black = "
+                   "to generate (.png for every frame, or .gif / .mp4 per frame)")
+    t.add_argument("--depth", default=None, metavar="PATH", help="depth: the depth clip (.mp4 or .gif)")
+    t.add_argument("--context-frames", type=int, default=None, metavar="K", help="vexd / vtrans: use K frames of "
+                   "the given clip(s) (default: all of them)")
+    t.add_argument("--no-paste", action="store_true", default=False, help="write the model's output as it is "
+                   "(default: the given pixels are pasted back where the task knows them)")
     p.set_defaults(func=cmd_sample)
 
 

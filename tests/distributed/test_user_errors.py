@@ -9,11 +9,6 @@ the module costs about the time of its slowest few runs, not the sum of them.
 """
 
 import os
-import re
-import select
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.distributed.test_launch import shard_data
-from tests.helpers_run import ENV, write_config
+from tests.helpers_run import run_cli, write_config
 
 # case → (what goes wrong, words the one line must hold besides the key), where {tmp} is the case's folder
 CASES = {
@@ -80,47 +75,6 @@ def corrupted_checkpoint(root: Path) -> Path:
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     return step_dir(root, 1)
-
-
-def strip_terminal(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
-
-
-def run_cli(args: list[str], in_pty: bool = False, timeout: float = 300) -> tuple[int, str, float]:
-    """(exit code, stdout + stderr, seconds) of ``python -m vchitect.cli ARGS``; under a pseudo-terminal
-    80 columns wide when ``in_pty`` (rich then colours and would wrap at 80)."""
-    import pty
-
-    cmd = [sys.executable, "-m", "vchitect.cli", *args]
-    t0 = time.time()
-    if not in_pty:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
-        return r.returncode, r.stdout + r.stderr, time.time() - t0
-    import fcntl
-    import struct
-    import termios
-
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=dict(ENV, TERM="xterm-256color"))
-    os.close(slave)
-    out = b""
-    try:
-        while time.time() - t0 < timeout:
-            if select.select([master], [], [], 1.0)[0]:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:  # EIO: every process holding the terminal has gone
-                    break
-                if not chunk:
-                    break
-                out += chunk
-        code = proc.wait(timeout=30)
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-    return code, strip_terminal(out.decode(errors="replace")), time.time() - t0
 
 
 @pytest.fixture(scope="module")

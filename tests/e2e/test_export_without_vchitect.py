@@ -1,17 +1,19 @@
 """An export loads and samples where vchitect is not installed: ``DiffusionPipeline.from_pretrained(folder,
 trust_remote_code=True)`` in a fresh environment with torch, diffusers and transformers only (tests/envs.py)
 runs the code the folder carries, with CFG (also the released and smooth guidance schedules), FasterCache
-and FreeInit, and gives the same output, bit for bit, as the installed vchitect does with the same folder
-(same code, same weights, one thread each); without the flag diffusers refuses the folder there."""
+and FreeInit, and Many-for-Many task inputs (i2v, vinp; an export with the condition adapter), and gives the
+same output, bit for bit, as the installed vchitect does with the same folder (same code, same weights, one
+thread each); without the flag diffusers refuses the folder there."""
 
 from __future__ import annotations
 
 import json
 import textwrap
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.helpers_ckpt import build_model, make_encoders, run_config, write_checkpoint
 from vchitect.export import export
@@ -117,3 +119,88 @@ def test_export_samples_where_vchitect_is_not_installed(exported, env_without_vc
     assert stats["attention_reused_rows"] > 0 and stats["uncond_rebuilt"] > 0, stats
     assert (got["cfg_sequential"] - got["cfg"]).abs().max() < 1e-5  # one 2B batch or two B calls
 
+
+
+# ------------------------------------------------------------------ Many-for-Many tasks
+TASK_SAMPLE = textwrap.dedent("""
+    import importlib.util, json, sys
+    import numpy as np, torch
+    from safetensors.torch import load_file, save_file
+    assert importlib.util.find_spec("vchitect") is None, "vchitect is importable in this environment"
+    torch.set_num_threads(1)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    given = {k: v.numpy() for k, v in load_file(sys.argv[3]).items()}
+    out = {}
+    for name, kw in json.loads(sys.argv[4]).items():
+        inputs = {k: given[v] for k, v in kw.pop("inputs").items()}
+        frames = pipe(sys.argv[5], generator=torch.Generator().manual_seed(int(sys.argv[6])), **kw, **inputs).frames
+        out[name] = torch.from_numpy(np.ascontiguousarray(frames))
+    save_file(out, sys.argv[2])
+    own = sorted(m for m in sys.modules if m.split(".")[0] in ("vchitect", "_vchitect_diffusers_hook"))
+    print(json.dumps({"pipeline": type(pipe).__module__, "vchitect_modules": own,
+                      "condition_channels": pipe.transformer.config.condition_channels}))
+""")
+TASK_COMMON = dict(height=8, width=8, num_inference_steps=3, guidance_scale=3.0)
+# name → pipe() arguments; "inputs" maps an argument to a tensor of TASK_INPUTS
+TASK_CASES = {
+    "i2v": dict(task="i2v", num_frames=5, inputs={"image": "first"}, **TASK_COMMON),
+    "i2v_raw": dict(task="i2v", num_frames=5, paste_known=False, inputs={"image": "first"}, **TASK_COMMON),
+    "vinp": dict(task="vinp", inputs={"video": "clip", "mask": "mask"}, **TASK_COMMON),
+    "vinp_raw": dict(task="vinp", paste_known=False, inputs={"video": "clip", "mask": "mask"}, **TASK_COMMON),
+}
+
+
+def task_inputs() -> dict:
+    rng = np.random.default_rng(5)
+    mask = np.ones((8, 8), np.uint8)
+    mask[2:6, 3:7] = 0
+    return {"first": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+            "clip": rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), "mask": mask}
+
+
+def test_a_task_export_samples_where_vchitect_is_not_installed(env_without_vchitect, tmp_path):
+    """i2v and vinp (pasted and raw) through the folder's own code equal the installed vchitect's, bit for bit."""
+    from diffusers import DiffusionPipeline
+
+    enc = make_encoders(tmp_path / "enc")
+    adapter = dict(in_channels=3, condition_channels=4, condition_vae_spatial_factor=1,
+                   condition_vae_temporal_factor=1, condition_hidden_channels=4)
+    model = build_model(0, **adapter)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.condition_adapter.conv_out.weight, std=0.05)
+    write_checkpoint(tmp_path / "run", 1, model, run_config(adapter, encoders={"text_encoder_path":
+                                                                                  str(enc["text_encoder"])}))
+    folder = export(tmp_path / "run", tmp_path / "export")
+    given = task_inputs()
+    save_file({k: torch.from_numpy(v) for k, v in given.items()}, str(tmp_path / "inputs.safetensors"))
+    result = tmp_path / "frames.safetensors"
+    r = env_without_vchitect.run(["python", "-c", TASK_SAMPLE, str(folder), str(result),
+                                  str(tmp_path / "inputs.safetensors"), json.dumps(TASK_CASES), PROMPT, str(SEED)],
+                                 timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["vchitect_modules"] == [] and info["pipeline"].endswith(".vchitect_export_pipeline"), info
+    assert info["condition_channels"] == 4
+    got = load_file(result)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        assert type(pipe).__module__ == "vchitect.export.pipeline"
+        pipe.set_progress_bar_config(disable=True)
+        for name, case in TASK_CASES.items():
+            kw = dict(case)
+            inputs = {k: given[v] for k, v in kw.pop("inputs").items()}
+            want = torch.from_numpy(pipe(PROMPT, generator=torch.Generator().manual_seed(SEED), **kw, **inputs).frames)
+            assert torch.equal(got[name], want), (name, (got[name] - want).abs().max())
+    finally:
+        torch.set_num_threads(threads)
+    # the folder's code pasted the given pixels (and only with paste_known)
+    assert torch.equal(got["i2v"][0, 0], torch.from_numpy(given["first"]).float() / 255)
+    assert not torch.equal(got["i2v_raw"][0, 0], got["i2v"][0, 0])
+    known = torch.from_numpy(given["mask"]).bool()
+    assert torch.equal(got["vinp"][0][:, known], torch.from_numpy(given["clip"]).float()[:, known] / 255)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.helpers_models import inputs
 from vchitect.diffusion.config import DiffusionConfig
 from vchitect.diffusion.objective import rectified_flow_loss
 from vchitect.diffusion.sampling import TextCondition, flow_sigmas, sample, unconditional_condition
@@ -39,14 +40,6 @@ def live(model: VchitectTransformer3DModel, scale: float = 0.05) -> VchitectTran
             if any(k in name for k in ("to_out_temporal", "to_out_context", "condition_adapter.conv_out")):
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model
-
-
-def inputs(B=2, F=3, H=8, W=12, L=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(B, 4, F, H, W, generator=g),
-                encoder_hidden_states=torch.randn(B, L, 24, generator=g),
-                pooled_projections=torch.randn(B, 12, generator=g),
-                timestep=torch.rand(B, generator=g) * 1000)
 
 
 def condition(B=2, F=5, H=16, W=24, channels=4, seed=2):

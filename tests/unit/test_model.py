@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from tests.helpers_models import inputs
 from vchitect.config import ModelConfig
 from vchitect.models import VchitectTransformer3DModel
 
@@ -15,14 +16,6 @@ TINY = dict(sample_size=16, in_channels=4, num_layers=3, num_attention_heads=4, 
 def tiny_model(seed: int = 0, **overrides) -> VchitectTransformer3DModel:
     torch.manual_seed(seed)
     return VchitectTransformer3DModel(**{**TINY, **overrides})
-
-
-def inputs(B=2, F=3, H=8, W=12, L=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(B, 4, F, H, W, generator=g),
-                encoder_hidden_states=torch.randn(B, L, 24, generator=g),
-                pooled_projections=torch.randn(B, 12, generator=g),
-                timestep=torch.rand(B, generator=g) * 1000)
 
 
 def randomise_(model: torch.nn.Module, scale: float = 0.05) -> None:

@@ -28,6 +28,20 @@ class Bucket:
         return f"{self.height}x{self.width}x{self.frames}"
 
 
+def cover_size(w: int, h: int, bucket: Bucket) -> tuple[int, int]:
+    """Smallest size with the clip's aspect ratio that covers the bucket (then :func:`centre_crop`):
+    how the loader, and VchitectPipeline's task inputs, bring a frame to a bucket's size."""
+    scale = max(bucket.width / w, bucket.height / h)
+    return max(bucket.width, round(w * scale)), max(bucket.height, round(h * scale))
+
+
+def centre_crop(img, bucket: Bucket):
+    """The bucket-sized centre of an H×W(×C) array that covers it."""
+    top = (img.shape[0] - bucket.height) // 2
+    left = (img.shape[1] - bucket.width) // 2
+    return img[top:top + bucket.height, left:left + bucket.width]
+
+
 def latent_shape(b: Bucket, channels: int, spatial: int, temporal: int) -> tuple[int, int, int, int]:
     """C×F'×H'×W' of a bucket's latent (causal video VAE: F' = 1 + (F - 1) // temporal)."""
     return (channels, 1 + (b.frames - 1) // temporal, b.height // spatial, b.width // spatial)

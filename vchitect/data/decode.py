@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .buckets import Bucket
+from .buckets import Bucket, centre_crop, cover_size
 
 
 class BadSample(Exception):
@@ -35,18 +35,6 @@ class VideoInfo:
     def span(self) -> float:
         """Seconds from the first to the last frame."""
         return (self.num_frames - 1) / self.fps
-
-
-def _cover_size(w: int, h: int, bucket: Bucket) -> tuple[int, int]:
-    """Smallest size with the clip's aspect ratio that covers the bucket."""
-    scale = max(bucket.width / w, bucket.height / h)
-    return max(bucket.width, round(w * scale)), max(bucket.height, round(h * scale))
-
-
-def _crop(img: np.ndarray, bucket: Bucket) -> np.ndarray:  # H×W×3 → bh×bw×3
-    top = (img.shape[0] - bucket.height) // 2
-    left = (img.shape[1] - bucket.width) // 2
-    return img[top:top + bucket.height, left:left + bucket.width]
 
 
 def _to_planar(frame, sw: int, sh: int, bucket: Bucket, out: np.ndarray) -> None:
@@ -113,7 +101,7 @@ def decode_video(data: bytes, choose: Callable[[VideoInfo], Optional[Bucket]], f
             wanted = [int(rng.integers(0, n))]
         else:
             wanted = frame_indices(info, bucket.frames, fps, rng)
-        sw, sh = _cover_size(w, h, bucket)
+        sw, sh = cover_size(w, h, bucket)
         slots: dict[int, list[int]] = {}  # source frame → positions in the output clip
         for k, i in enumerate(wanted):
             slots.setdefault(i, []).append(k)
@@ -151,6 +139,6 @@ def decode_image(data: bytes, choose: Callable[[VideoInfo], Optional[Bucket]]) -
     bucket = choose(VideoInfo(img.width, img.height, 1, 1.0))
     if bucket is None:
         raise BadSample("no_bucket", f"image {img.width}x{img.height} fits no image bucket")
-    img = img.resize(_cover_size(img.width, img.height, bucket), Image.BILINEAR)
-    arr = _crop(np.asarray(img), bucket)
+    img = img.resize(cover_size(img.width, img.height, bucket), Image.BILINEAR)
+    arr = centre_crop(np.asarray(img), bucket)
     return np.ascontiguousarray(arr.transpose(2, 0, 1)[:, None]), bucket

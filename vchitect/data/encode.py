@@ -14,18 +14,7 @@ import torch.distributed as dist
 
 from vchitect.config import ConfigError
 from vchitect.data.config import text_encoder_configured  # noqa: F401  (re-exported)
-
-
-def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 → float in [-1, 1] (the VAE's input range)."""
-    return pixels.float().div_(127.5).sub_(1.0)
-
-
-def condition_to_unit(condition: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """uint8 B×3×F×H×W condition + uint8 B×1×F×H×W mask (1 = known) → float32 B×4×F×H×W: channels
-    0–2 the condition in [-1, 1] with unknown pixels 0, channel 3 the mask (0/1)."""
-    m = mask.float()
-    return torch.cat([pixels_to_unit(condition).mul_(m), m], dim=1)
+from vchitect.data.pixels import condition_to_unit, pixels_to_unit
 
 
 def vae_encode_split(encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,

@@ -7,6 +7,8 @@ Every task is a pure function of the clip's pixels, the sample's generator and t
 ``mask`` is 1 where the condition pixel is known and 0 where the model has to make it up; unknown
 condition pixels are 0 (the encode step multiplies by the mask anyway). ``vedit`` and ``depth`` also
 take ``side``: the decoded ``src.mp4`` / depth video, the same frames and size as ``pixels``.
+``given`` and ``paste`` say what sampling takes instead of a training clip (the inputs of
+``VchitectPipeline``, built into the same condition by :mod:`vchitect.export.task_inputs`).
 The prompt tag (``<caption> #task: <name>``) uses the full task names of the Many-for-Many release;
 ``depth`` has none there and gets ours. docs/tasks.md describes each task.
 """
@@ -26,6 +28,10 @@ class Task:
     image: bool  # applies to 1-frame samples (else to multi-frame ones)
     build: Callable  # (pixels, rng, opts, side=None) → (condition, mask)
     side: Optional[str] = None  # "src" (the sample's src.mp4) | "depth" (the depth member) | None
+    # sampling: the VchitectPipeline / `vchitect sample` inputs the condition is built from ("image",
+    # "video", "mask", "depth"; a name twice = a pair: itrans's first + last frame, vtrans's two clips)
+    given: tuple[str, ...] = ()
+    paste: bool = False  # the known condition pixels are the answer: the pipeline may paste them back
 
 
 def task_caption(caption: str, task: "Task") -> str:
@@ -48,7 +54,7 @@ def _frames_known(pixels: np.ndarray, frames) -> tuple[np.ndarray, np.ndarray]:
     return cond, mask
 
 
-def _all_known(cond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def all_known(cond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(cond, dtype=np.uint8), np.ones((1,) + cond.shape[1:], np.uint8)
 
 
@@ -138,19 +144,20 @@ def inpaint_holes(rng, F: int, H: int, W: int, opts, moving: bool) -> np.ndarray
     return holes
 
 
-def _from_holes(pixels: np.ndarray, holes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def from_holes(pixels: np.ndarray, holes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``pixels`` (3×F×H×W) known outside ``holes`` (bool F×H×W, True = unknown)."""
     mask = (~holes).astype(np.uint8)[None]  # 1×F×H×W
     return (pixels * mask).astype(np.uint8), mask
 
 
 def build_vinp(pixels, rng, opts, side=None):  # holes unknown, static or moving
     C, F, H, W = pixels.shape
-    return _from_holes(pixels, inpaint_holes(rng, F, H, W, opts, moving=bool(rng.random() < 0.5)))
+    return from_holes(pixels, inpaint_holes(rng, F, H, W, opts, moving=bool(rng.random() < 0.5)))
 
 
 def build_iinp(pixels, rng, opts, side=None):
     C, F, H, W = pixels.shape
-    return _from_holes(pixels, inpaint_holes(rng, F, H, W, opts, moving=False))
+    return from_holes(pixels, inpaint_holes(rng, F, H, W, opts, moving=False))
 
 
 def outpaint_window(rng, H: int, W: int, opts) -> tuple[int, int, int, int]:
@@ -175,7 +182,7 @@ def build_outpaint(pixels, rng, opts, side=None):  # voutp, ioutp: a border unkn
     t, b, l, r = outpaint_window(rng, H, W, opts)
     holes = np.ones((F, H, W), bool)
     holes[:, t:b, l:r] = False
-    return _from_holes(pixels, holes)
+    return from_holes(pixels, holes)
 
 
 # -- restoration tasks --------------------------------------------------------------------------
@@ -195,7 +202,7 @@ def degrade_resolution(pixels: np.ndarray, factor: int) -> np.ndarray:
 
 
 def build_sr(pixels, rng, opts, side=None):  # vsr, isr: a low-resolution copy, all known
-    return _all_known(degrade_resolution(pixels, opts.sr_factor))
+    return all_known(degrade_resolution(pixels, opts.sr_factor))
 
 
 def grey(pixels: np.ndarray) -> np.ndarray:
@@ -205,7 +212,7 @@ def grey(pixels: np.ndarray) -> np.ndarray:
 
 
 def build_color(pixels, rng, opts, side=None):  # vcolor, icolor: the grey clip, all known
-    return _all_known(grey(pixels))
+    return all_known(grey(pixels))
 
 
 # -- tasks with a side video ----------------------------------------------------------------------
@@ -218,32 +225,32 @@ def _check_side(name: str, pixels: np.ndarray, side: Optional[np.ndarray]) -> np
 
 
 def build_vedit(pixels, rng, opts, side=None):  # ROVI removal: the source video, all known
-    return _all_known(_check_side("vedit", pixels, side))
+    return all_known(_check_side("vedit", pixels, side))
 
 
 def build_depth(pixels, rng, opts, side=None):
     """Depth-conditioned generation: the depth video (as grey in 3 channels), all known.
     A hook: the shard member is data.task_options.depth_member (no curation stage writes one yet)."""
-    return _all_known(grey(_check_side("depth", pixels, side)))
+    return all_known(grey(_check_side("depth", pixels, side)))
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("t2v", "text-to-video", False, build_none),
-    Task("i2v", "image-to-video", False, build_i2v),
-    Task("vexd", "video extending", False, build_vexd),
-    Task("itrans", "image-to-image transition", False, build_itrans),
-    Task("vtrans", "video-to-video transition", False, build_vtrans),
-    Task("vinp", "video inpainting", False, build_vinp),
-    Task("voutp", "video outpainting", False, build_outpaint),
-    Task("vsr", "video super-resolution", False, build_sr),
-    Task("vcolor", "video colorization", False, build_color),
-    Task("vedit", "video editing", False, build_vedit, side="src"),
-    Task("depth", "depth-to-video", False, build_depth, side="depth"),
+    Task("i2v", "image-to-video", False, build_i2v, given=("image",), paste=True),
+    Task("vexd", "video extending", False, build_vexd, given=("video",), paste=True),
+    Task("itrans", "image-to-image transition", False, build_itrans, given=("image", "image"), paste=True),
+    Task("vtrans", "video-to-video transition", False, build_vtrans, given=("video", "video"), paste=True),
+    Task("vinp", "video inpainting", False, build_vinp, given=("video", "mask"), paste=True),
+    Task("voutp", "video outpainting", False, build_outpaint, given=("video", "mask"), paste=True),
+    Task("vsr", "video super-resolution", False, build_sr, given=("video",)),
+    Task("vcolor", "video colorization", False, build_color, given=("video",)),
+    Task("vedit", "video editing", False, build_vedit, side="src", given=("video",)),
+    Task("depth", "depth-to-video", False, build_depth, side="depth", given=("depth",)),
     Task("t2i", "text-to-image", True, build_none),
-    Task("iinp", "image inpainting", True, build_iinp),
-    Task("ioutp", "image outpainting", True, build_outpaint),
-    Task("isr", "image super-resolution", True, build_sr),
-    Task("icolor", "image colorization", True, build_color),
+    Task("iinp", "image inpainting", True, build_iinp, given=("image", "mask"), paste=True),
+    Task("ioutp", "image outpainting", True, build_outpaint, given=("image", "mask"), paste=True),
+    Task("isr", "image super-resolution", True, build_sr, given=("image",)),
+    Task("icolor", "image colorization", True, build_color, given=("image",)),
 ]}
 
 

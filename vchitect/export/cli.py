@@ -4,6 +4,7 @@ this package nor torch; they are re-exported here).
 
     vchitect export CKPT OUT [--ema] [--dtype bf16|fp16|fp32] [--base DIR] [--max-shard-size 5GB]
     vchitect sample (EXPORT_DIR | CKPT | CONFIG CKPT) --prompt … --out video.mp4|.gif [--preset P] [options]
+                    [--task NAME --image PATH … --video PATH … --mask PATH --depth PATH --no-paste]
 
 ``sample`` under ``torchrun --nproc-per-node N`` (or any launcher setting WORLD_SIZE) splits the
 video tokens over the N ranks with Ulysses sequence parallelism; rank 0 writes the file.
@@ -33,10 +34,17 @@ def cmd_export(args) -> int:
 
 # ------------------------------------------------------------------ sample
 def write_video(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
-    """frames F×H×W×3 in [0, 1] → .gif (Pillow) or .mp4 (PyAV, H.264)."""
+    """frames F×H×W×3 in [0, 1] → .gif (Pillow), .mp4 (PyAV, H.264) or, for one frame, .png."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     u8 = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    if path.suffix.lower() == ".png":
+        if len(u8) != 1:
+            raise ValueError(f"--out {path}: a .png holds one frame, not {len(u8)}; write .mp4 or .gif")
+        from PIL import Image
+
+        Image.fromarray(u8[0]).save(path)
+        return path
     if path.suffix.lower() == ".gif":
         from PIL import Image
 
@@ -88,6 +96,56 @@ def load_pipeline(args):
     return pipeline_from_checkpoint(args.ckpt, base=args.base, ema=args.ema, dtype=dtype, config=config)
 
 
+# ------------------------------------------------------------------ task inputs
+def read_image(path: str) -> np.ndarray:
+    """H×W×3 uint8 of an image file (anything Pillow opens)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"--image {path}: cannot read it as an image ({type(exc).__name__}: {exc})") from None
+
+
+def read_clip(path: str, flag: str) -> np.ndarray:
+    """F×H×W×3 uint8 of a .gif or .mp4."""
+    from vchitect.eval.cli import read_video
+
+    if Path(path).suffix.lower() not in (".gif", ".mp4"):
+        raise ValueError(f"{flag} {path}: give a .mp4 or .gif")
+    try:
+        return read_video(path)
+    except Exception as exc:  # PyAV / Pillow decode errors have many types
+        raise ValueError(f"{flag} {path}: cannot decode it ({type(exc).__name__}: {exc})") from None
+
+
+def read_mask(path: str) -> np.ndarray:
+    """H×W (an image) or F×H×W (a .gif / .mp4) uint8 mask, 255 = known."""
+    if Path(path).suffix.lower() in (".gif", ".mp4"):
+        return np.rint(read_clip(path, "--mask").mean(-1)).astype(np.uint8)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L"))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"--mask {path}: cannot read it as an image ({type(exc).__name__}: {exc})") from None
+
+
+def task_inputs(args) -> dict:
+    """The pipeline's task keywords from ``--task``, ``--image`` … (checked by vchitect.cli.sample_task_problem)."""
+    if args.task is None:
+        return {}
+    images = [read_image(p) for p in args.image or []]
+    videos = [read_clip(p, "--video") for p in args.video or []]
+    one_or_pair = lambda items: None if not items else items[0] if len(items) == 1 else tuple(items)  # noqa: E731
+    return dict(task=args.task, image=one_or_pair(images), video=one_or_pair(videos),
+                mask=read_mask(args.mask) if args.mask else None,
+                depth=read_clip(args.depth, "--depth") if args.depth else None,
+                context_frames=args.context_frames, paste_known=not args.no_paste)
+
+
 def _init_sequence_parallel(pipe, device):
     """Under a multi-rank launch, split the video tokens of ``pipe.transformer`` over all ranks."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -118,8 +176,18 @@ def cmd_sample(args) -> int:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     try:
+        task = task_inputs(args)
+    except ValueError as exc:
+        return user_error("sample error", str(exc))
+    try:
         pipe = load_pipeline(args)
     except ExportError as exc:
+        return user_error("sample error", str(exc))
+    try:  # the task inputs, checked before the run (and --frames for a task whose clip is the output)
+        inputs = {k: task[k] for k in ("image", "video", "mask", "depth")} if task else {}
+        _, args.frames, _, _, _ = pipe.prepare_task(args.task, 1, args.frames, args.height, args.width,
+                                                    task.get("context_frames"), **inputs)
+    except ValueError as exc:
         return user_error("sample error", str(exc))
     pipe.to(device)
     rank = _init_sequence_parallel(pipe, device)
@@ -128,7 +196,8 @@ def cmd_sample(args) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     if rank == 0:  # what the preset and flags resolved to, before the (possibly long) run
         size = f"{args.height}×{args.width}" if args.height and args.width else "the model's sample size"
-        print(f"sampling {args.frames} frames at {size}: {args.steps} steps, guidance {args.guidance_scale:g} "
+        what = f"task {args.task}: " if args.task else ""
+        print(f"{what}sampling {args.frames} frames at {size}: {args.steps} steps, guidance {args.guidance_scale:g} "
               f"({args.guidance_schedule}), timestep spacing {args.timestep_spacing}, transformer "
               f"{str(next(pipe.transformer.parameters()).dtype).removeprefix('torch.')}, seed {args.seed}",
               flush=True)
@@ -136,7 +205,8 @@ def cmd_sample(args) -> int:
         video = pipe(args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,
                      width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                      guidance_schedule=args.guidance_schedule, timestep_spacing=args.timestep_spacing,
-                     generator=generator, output_type="np", fastercache=fastercache, freeinit=freeinit).frames
+                     generator=generator, output_type="np", fastercache=fastercache, freeinit=freeinit,
+                     **task).frames
     except ValueError as exc:  # shapes, missing text encoder / VAE: the message says what to do
         return user_error("sample error", str(exc))
     if rank == 0:
@@ -145,4 +215,5 @@ def cmd_sample(args) -> int:
     return 0
 
 
-__all__ = ["add_export_parser", "add_sample_parser", "cmd_export", "cmd_sample", "write_video"]
+__all__ = ["add_export_parser", "add_sample_parser", "cmd_export", "cmd_sample", "read_clip", "read_image", "read_mask",
+           "task_inputs", "write_video"]

@@ -9,6 +9,12 @@ encoder kind ``sd3`` (the released Vchitect-2.0 conditioning): ``text_encoder`` 
 ``text_encoder_3`` are CLIP-L / CLIP-G / T5 with ``tokenizer`` / ``tokenizer_2`` / ``tokenizer_3``
 (diffusers' SD3 names), and the config's ``text_masks`` is the mask mode (``data.text.masks``).
 
+Many-for-Many tasks (a transformer with the condition adapter, ``condition_channels=4``): ``task=`` names
+one (``vchitect.data.tasks.TASKS``), ``image`` / ``video`` / ``mask`` / ``depth`` are its inputs
+(:mod:`vchitect.export.task_inputs` builds the condition with the training builders), the prompt gets
+the training caption's ``#task:`` suffix, and ``paste_known`` puts the given pixels back into the output
+where the task says they are the answer (docs/sampling.md, "Tasks (Many-for-Many)").
+
 Loading an export folder (docs/export.md, "Loading it")::
 
     from diffusers import DiffusionPipeline
@@ -31,11 +37,15 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
+from vchitect.data.pixels import condition_to_unit
 from vchitect.diffusion.fastercache import FasterCacheConfig
 from vchitect.diffusion.freeinit import FreeInitConfig, freeinit_sample
 from vchitect.diffusion.sampling import TextCondition, guidance_scales, sample
 from vchitect.models import VchitectTransformer3DModel
 from vchitect.models.encoders import SD3TextEncoder, TextEncoder
+
+from .task_inputs import (check_frames, check_inputs, default_frames, paste_given, resolve_task, task_conditions,
+                          task_prompts)
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 TIMESTEP_SPACINGS = ("uniform", "released")
@@ -166,8 +176,12 @@ class VchitectPipeline(DiffusionPipeline):
         return out.reshape(B, F, *out.shape[1:]).permute(0, 2, 1, 3, 4)
 
     @staticmethod
-    def to_output(video: torch.Tensor, output_type: str):
+    def to_output(video: torch.Tensor, output_type: str, known: Optional[tuple[np.ndarray, np.ndarray]] = None):
+        """B×3×F×H×W in [-1, 1] → ``output_type``. ``known``: (uint8 B×3×F×H×W condition, uint8 B×1×F×H×W
+        mask) whose known pixels replace the video's (:func:`~vchitect.export.task_inputs.paste_given`)."""
         frames = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).cpu()  # B×F×3×H×W in [0, 1]
+        if known is not None:
+            frames = paste_given(frames, *known)
         if output_type == "pt":
             return frames
         arr = frames.permute(0, 1, 3, 4, 2).numpy()  # B×F×H×W×3
@@ -177,10 +191,32 @@ class VchitectPipeline(DiffusionPipeline):
 
         return [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in clip] for clip in arr]
 
+    # ------------------------------------------------------------------ tasks
+    def prepare_task(self, task: Optional[str], batch: int, num_frames: Optional[int] = None,
+                     height: Optional[int] = None, width: Optional[int] = None, context_frames: Optional[int] = None,
+                     **inputs):
+        """(the :class:`~vchitect.data.tasks.Task` or None, num_frames, height, width, and the uint8
+        (B×3×F×H×W condition, B×1×F×H×W mask) or None) of a call with ``task`` and its ``inputs`` (image=,
+        video=, mask=, depth=), the defaults filled in; a ``ValueError`` says what is wrong with them. The
+        condition is None without a task, and for t2v / t2i on a model without the condition adapter."""
+        adapter = int(getattr(self.transformer.config, "condition_channels", 0) or 0)
+        spec = resolve_task(task, adapter)
+        check_inputs(spec, inputs, context_frames)
+        num_frames = default_frames(spec, inputs) if num_frames is None else num_frames
+        if spec is not None:
+            check_frames(spec, num_frames)
+        scale = self.vae_spatial_factor
+        height = height or self.transformer.config.sample_size * scale
+        width = width or self.transformer.config.sample_size * scale
+        built = None
+        if spec is not None and adapter:
+            built = task_conditions(spec, batch, num_frames, height, width, context_frames=context_frames, **inputs)
+        return spec, num_frames, height, width, built
+
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
     def __call__(self, prompt: Union[str, list[str], None] = None, negative_prompt: Union[str, list[str], None] = None,
-                 num_frames: int = 16, height: Optional[int] = None, width: Optional[int] = None,
+                 num_frames: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
                  num_inference_steps: int = 50, guidance_scale: float = 6.0,
                  generator: Optional[torch.Generator] = None, latents: Optional[torch.Tensor] = None,
                  prompt_embeds: Optional[TextCondition] = None,
@@ -188,8 +224,24 @@ class VchitectPipeline(DiffusionPipeline):
                  return_dict: bool = True, batch_cfg: bool = True,
                  fastercache: Union[FasterCacheConfig, dict, bool, None] = None,
                  freeinit: Union[FreeInitConfig, dict, bool, None] = None, callback=None,
-                 guidance_schedule: str = "constant", timestep_spacing: str = "uniform"):
-        """``fastercache`` / ``freeinit``: a :class:`FasterCacheConfig` / :class:`FreeInitConfig`, a dict of its
+                 guidance_schedule: str = "constant", timestep_spacing: str = "uniform", task: Optional[str] = None,
+                 image=None, video=None, mask=None, depth=None, context_frames: Optional[int] = None,
+                 paste_known: bool = True):
+        """``num_frames``: default 16 (1 for an image task; the given clip's frames for vinp, voutp, vsr,
+        vcolor, vedit and depth).
+
+        ``task``: a Many-for-Many task of ``vchitect.data.tasks.TASKS`` (t2v, i2v, vexd, itrans, vtrans, vinp,
+        voutp, vsr, vcolor, vedit, depth, t2i, iinp, ioutp, isr, icolor); every task but t2v / t2i needs the
+        condition adapter. ``image`` / ``video`` / ``mask`` / ``depth``: the task's inputs, one for every prompt
+        or a list with one per prompt (itrans: a (first, last) image pair; vtrans: a (head, tail) clip pair),
+        resized to the output; ``context_frames``: vexd / vtrans use that many frames of the given clip(s).
+        On a model with the adapter the prompts end in ``#task: <full name>`` as in training (the negative
+        prompt does not: training's text dropout replaces the whole caption by the empty prompt).
+        ``paste_known``: where the task's known pixels are the answer (i2v, itrans, vexd, vtrans, vinp, voutp,
+        iinp, ioutp) they replace the decoded output's (not for ``output_type="latent"``); False returns the
+        model's output as it is. docs/sampling.md, "Tasks (Many-for-Many)".
+
+        ``fastercache`` / ``freeinit``: a :class:`FasterCacheConfig` / :class:`FreeInitConfig`, a dict of its
         fields, or True for its defaults (plain values work where the config classes are not importable,
         e.g. with the export folder's own code). ``guidance_schedule``: ``constant``, ``released`` or
         ``smooth`` (:func:`~vchitect.diffusion.sampling.guidance_scales`); ``timestep_spacing``:
@@ -198,17 +250,23 @@ class VchitectPipeline(DiffusionPipeline):
         freeinit = _sampler_config(freeinit, FreeInitConfig)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
+        prompts = None
         if prompt_embeds is None:
             if prompt is None:
                 raise ValueError("pass a prompt (or prompt_embeds)")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = self.encode_prompt(prompts)
-        B = prompt_embeds.batch
-        scale = self.vae_spatial_factor
-        height = height or self.transformer.config.sample_size * scale
-        width = width or self.transformer.config.sample_size * scale
+        B = prompt_embeds.batch if prompt_embeds is not None else len(prompts)
+        # the task's condition before any encoding, so that bad inputs fail at once
+        spec, num_frames, height, width, built = self.prepare_task(
+            task, B, num_frames, height, width, context_frames, image=image, video=video, mask=mask, depth=depth)
         shape = self.latent_shape(B, num_frames, height, width)
         device = self._execution_device
+        condition = known = None
+        if built is not None:
+            condition = condition_to_unit(*(torch.from_numpy(a) for a in built)).to(device)
+            known = built if paste_known and spec.paste else None
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt(task_prompts(prompts, spec, built is not None))
         if latents is None:
             gen_device = generator.device if generator is not None else "cpu"
             latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
@@ -240,13 +298,13 @@ class VchitectPipeline(DiffusionPipeline):
             def run(z: torch.Tensor) -> torch.Tensor:
                 return sample(self.transformer, z, cond, uncond, sigmas=sigmas, guidance_scale=guidance_scale,
                               guidance_schedule=guidance_schedule, batch_cfg=batch_cfg, fastercache=fastercache,
-                              callback=step_done)
+                              callback=step_done, condition=condition)
 
             x0 = freeinit_sample(run, latents, freeinit, generator) if freeinit is not None else run(latents)
         if output_type == "latent":
             frames = x0
         else:
-            frames = self.to_output(self.decode_latents(x0), output_type)
+            frames = self.to_output(self.decode_latents(x0), output_type, known)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames,)
