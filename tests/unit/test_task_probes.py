@@ -106,3 +106,16 @@ def test_motion_shards_decode_in_the_loader(tmp_path):
     b = next(iter(build_loader(cfg)))
     assert b["pixels"].shape[1:] == (3, FRAMES, SIZE, SIZE)
     assert all(c.endswith("#task: image-to-video") and " moves " in c for c in b["captions"])
+
+
+def test_probe_conditions_are_what_the_pipeline_builds_from_its_inputs():
+    """The demo samples its probes through VchitectPipeline(task=…, image=/video=/mask=): the condition
+    the pipeline makes from those inputs is the probe's own, pixel for pixel."""
+    from vchitect.data.tasks import TASKS
+    from vchitect.demo.tasks_demo import PIPE_INPUTS
+    from vchitect.export.task_inputs import task_conditions
+
+    for p in [*(q for t in ("i2v", "itrans", "vinp") for q in motion_probes(t, 2, seed=31)), *removal_probes(2)]:
+        cond, mask = task_conditions(TASKS[p.task], 1, FRAMES, SIZE, SIZE, **PIPE_INPUTS[p.task](p))
+        assert np.array_equal(np.asarray(mask[0, 0]), p.mask), p.task
+        assert np.array_equal(np.asarray(cond[0]).transpose(1, 2, 3, 0), p.condition), p.task

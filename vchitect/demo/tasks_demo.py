@@ -140,39 +140,43 @@ def removal_probes(n: int, seed: int = PROBE_SEED) -> list[Probe]:
 
 
 # ------------------------------------------------------------------ sampling and judging
+PIPE_INPUTS = {  # how each probe's condition is given to VchitectPipeline (docs/sampling.md, "Tasks")
+    "i2v": lambda p: {"image": p.truth[0]},
+    "itrans": lambda p: {"image": (p.truth[0], p.truth[-1])},
+    "vinp": lambda p: {"video": p.truth, "mask": p.mask},
+    "vedit": lambda p: {"video": p.truth},
+}
+
+
 def sample_probes(pipe, probes: list[Probe], seed: int, steps: int, guidance: float, tasks: bool,
                   batch: int = 64) -> np.ndarray:
-    """The raw output (N×F×H×W×3 uint8, nothing pasted) for each probe. ``tasks``: the model has the
-    condition adapter (prompts get the #task: suffix, the condition is given); else the base model
-    gets the bare prompt."""
+    """The raw output (N×F×H×W×3 uint8, ``paste_known=False``) of the pipeline for each probe, all of
+    one task. ``tasks``: the model has the condition adapter and gets the task and its inputs (the
+    pipeline adds the #task: suffix); else (the base model) the bare prompt."""
     import torch
 
-    from ..data.encode import condition_to_unit
-    from ..data.tasks import TASKS, task_caption
-    from ..diffusion.sampling import sample
     from .run import _to_uint8
 
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(probes), batch):
         chunk = probes[i:i + batch]
-        prompts = [task_caption(p.prompt, TASKS[p.task]) if tasks else p.prompt for p in chunk]
-        cond = condition = None
+        kw = {}
         if tasks:
-            cond = torch.from_numpy(np.stack([p.condition for p in chunk])).permute(0, 4, 1, 2, 3)
-            mask = torch.from_numpy(np.stack([p.mask for p in chunk]))[:, None]
-            condition = condition_to_unit(cond, mask)
-        text = pipe.encode_prompt(prompts)
-        neg = pipe.encode_prompt([""] * len(chunk)) if guidance != 1 else None
-        noise = torch.randn(pipe.latent_shape(len(chunk), FRAMES, SIZE, SIZE), generator=g)
-        p = pipe.transformer.config.patch_size
-        sigmas = pipe.sigmas(steps, FRAMES * (SIZE // p) ** 2, "cpu")
-        with torch.no_grad():
-            x0 = sample(pipe.transformer, noise, text, neg, sigmas=sigmas, guidance_scale=guidance,
-                        condition=condition)
-        video = pipe.to_output(pipe.decode_latents(x0), "np")
+            given = [PIPE_INPUTS[p.task](p) for p in chunk]
+            kw = {"task": chunk[0].task, "paste_known": False, **{k: [x[k] for x in given] for k in given[0]}}
+        video = pipe([p.prompt for p in chunk], num_frames=FRAMES, height=SIZE, width=SIZE,
+                     num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="np", **kw).frames
         out.append(_to_uint8(video))
     return np.concatenate(out)
+
+
+def probe_condition(pipe, p: Probe) -> tuple[np.ndarray, np.ndarray]:
+    """The (condition, mask) the pipeline builds for probe ``p`` (F×H×W×3, F×H×W uint8): what the
+    sheet shows, and what tests compare with the probe's own."""
+    _, _, _, _, built = pipe.prepare_task(p.task, 1, FRAMES, SIZE, SIZE, **PIPE_INPUTS[p.task](p))
+    cond, mask = built
+    return np.asarray(cond[0]).transpose(1, 2, 3, 0), np.asarray(mask[0, 0])
 
 
 def judge(task: str, probes: list[Probe], videos: np.ndarray) -> dict:
