@@ -308,6 +308,8 @@ _NOT_CONTENT = {"output": {"path"}, "s3": None, "storage": None, "ray": None, "i
 def config_fingerprint(cfg: CurateConfig) -> str:
     """A hash of every setting that changes shard contents; stored in stats.json."""
     d = to_dict(cfg)
+    if not cfg.depth.model_path:  # depth off: its options write nothing (and outputs made before it existed resume)
+        d.pop("depth", None)
     for section, keys in _NOT_CONTENT.items():
         if keys is None:
             d.pop(section, None)

@@ -641,6 +641,17 @@ def test_depth_stage_writes_the_models_normalised_depth_per_frame(tmp_path, corp
         assert sorted(n.split(".", 1)[1] for n in tar.getnames()) == sorted(["mp4", "json", "txt", "depth.mp4"] * n)
 
 
+def test_depth_settings_change_the_fingerprint_only_when_depth_is_on():
+    from data_pipeline.config import config_fingerprint
+
+    def fp(*more):
+        return config_fingerprint(load_curate_config(None, ["input.path=x", "output.path=y", *more]))
+
+    assert fp() == fp("depth.frames_per_batch=2", "depth.output=depth")  # off: nothing written, same records
+    assert fp("depth.model_path=/m") != fp() and fp("depth.model_path=/m") != fp("depth.model_path=/m", "depth.output=depth")
+    assert fp("depth.model_path=/m") == fp("depth.model_path=/m", "ray.depth.actors=3")  # resources never count
+
+
 def test_depth_levels_put_near_bright_for_disparity_and_depth_models():
     from data_pipeline.stages.depth import depth_output, to_levels
 
