@@ -24,6 +24,7 @@ The actor runs on the GPU Ray gives it when ``ray.depth.gpus`` > 0, on CPU other
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import os
@@ -131,7 +132,10 @@ class DepthEstimator:
         out = DepthEstimatorOutput(predicted_depth=raw)
         post = getattr(self.processor, "post_process_depth_estimation", None)
         if post is not None:
-            maps = [r["predicted_depth"] for r in post(out, target_sizes=[size] * len(raw))]
+            sizes = {"target_sizes": [size] * len(raw)}
+            if "source_sizes" in inspect.signature(post).parameters:  # ZoeDepth: crops its padding off first
+                sizes["source_sizes"] = sizes["target_sizes"]
+            maps = [r["predicted_depth"] for r in post(out, **sizes)]
             return torch.stack([m.reshape(size) for m in maps]).float().numpy()
         return torch.nn.functional.interpolate(raw[:, None].float(), size=size, mode="bicubic",
                                                align_corners=False)[:, 0].numpy()
