@@ -4,6 +4,7 @@
     vchitect-curate report OUT [--plots DIR]
     vchitect-curate synth OUT --n N [--seed S] [--no-defects]
     vchitect-curate synth OUT --removal --n N [--seed S]   synthetic removal pairs, as shards
+    vchitect-curate synth OUT --depth --n N [--seed S]     synthetic shots with exact depth.mp4, as shards
     vchitect-curate config show CONFIG [section.key=value …]
     vchitect-curate config describe
     vchitect-curate --version
@@ -60,9 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shots", type=int, default=2, help="shots per clean video")
     s.add_argument("--no-defects", action="store_true", help="only clean videos")
-    s.add_argument("--removal", action="store_true", help="instead: N synthetic object-removal pairs (target "
-                   "mp4, src.mp4, mask.mp4, instruction txt) written straight as WebDataset shards "
-                   "(docs/data.md, \"Removal pairs\")")
+    kind = s.add_mutually_exclusive_group()
+    kind.add_argument("--removal", action="store_true", help="instead: N synthetic object-removal pairs (target "
+                      "mp4, src.mp4, mask.mp4, instruction txt) written straight as WebDataset shards "
+                      "(docs/data.md, \"Removal pairs\")")
+    kind.add_argument("--depth", action="store_true", help="instead: N synthetic shots with their exact depth "
+                      "(mp4, depth.mp4, caption txt) written straight as WebDataset shards (docs/data.md, "
+                      "\"Depth maps\")")
     c = sub.add_parser("config", help="inspect curation configs")
     config_sub = c.add_subparsers(dest="config_cmd", required=True)
     c_show = config_sub.add_parser("show", help="print the resolved config (file + overrides)")
@@ -95,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
             index = write_removal_shards(args.out, args.n, seed=args.seed)
             print(f"wrote {index['nsamples']} removal pairs in {len(index['shards'])} shard(s) to {args.out}")
+        elif args.depth:
+            from vchitect.demo.depth import write_depth_shards
+
+            index = write_depth_shards(args.out, args.n, seed=args.seed)
+            print(f"wrote {index['nsamples']} depth shots in {len(index['shards'])} shard(s) to {args.out}")
         else:
             from .synthetic import generate_corpus
 

@@ -50,7 +50,7 @@ class StageResources:
                           "a small machine keeps room for the video tasks that feed the pools")
     gpus: float = setting(0.0, min=0.0, help="GPUs per actor: 0 = none, the actor runs on CPU; > 0 = Ray "
                           "places each actor on a GPU (CUDA_VISIBLE_DEVICES) and the captioner / latent "
-                          "encoders run on it (the model filters always run on CPU)")
+                          "encoders / depth model run on it (the model filters always run on CPU)")
     batch_size: int = setting(4, min=1, help="inputs (videos, with all their clips) per batch sent "
                               "to an actor")
 
@@ -77,6 +77,8 @@ class RayConfig:
     caption: StageResources = setting(default_factory=StageResources, help="the VLM captioner actors")
     latents: StageResources = setting(default_factory=StageResources, help="the VAE / text-encoder "
                                       "latent actors (latents.enabled)")
+    depth: StageResources = setting(default_factory=StageResources, help="the depth-estimation actors "
+                                    "(depth.model_path)")
     progress_every: float = setting(30.0, min=0.0, help="when stdout is not a terminal (Slurm, nohup, a "
                                     "pipe): seconds between plain progress lines, besides one at each "
                                     "tenth of the inputs (0 = only those)")
@@ -223,6 +225,23 @@ class LatentsConfig:
 
 
 @dataclass
+class DepthConfig:
+    """Optional per-frame depth maps (a ``depth.mp4`` member) from a local depth-estimation model, for the
+    Many-for-Many ``depth`` task (docs/tasks.md)."""
+
+    model_path: Optional[str] = setting(None, help="local folder of a transformers depth-estimation model and "
+                                        "its image processor (AutoModelForDepthEstimation + AutoImageProcessor, "
+                                        "e.g. a Depth-Anything checkpoint); null = no depth stage")
+    output: str = setting("auto", choices=["auto", "disparity", "depth"],
+                          help="what the model predicts: disparity (relative inverse depth, larger = nearer: "
+                          "Depth-Anything relative, DPT) or depth (larger = farther: metric heads); auto = depth "
+                          "for a Depth-Anything config with depth_estimation_type metric and for ZoeDepth / GLPN, "
+                          "else disparity. Either way depth.mp4 has near = bright")
+    frames_per_batch: int = setting(8, min=1, help="frames per model forward")
+    dtype: str = setting("float32", choices=["float32", "bfloat16", "float16"], help="model weights dtype")
+
+
+@dataclass
 class CurateConfig:
     """A whole curation run."""
 
@@ -240,6 +259,7 @@ class CurateConfig:
     dedup: DedupConfig = setting(default_factory=DedupConfig, help="dedup")
     caption: CaptionConfig = setting(default_factory=CaptionConfig, help="caption")
     latents: LatentsConfig = setting(default_factory=LatentsConfig, help="latents")
+    depth: DepthConfig = setting(default_factory=DepthConfig, help="depth maps (depth.mp4)")
 
     def validate(self) -> None:
         if self.storage is not None:
@@ -288,6 +308,8 @@ _NOT_CONTENT = {"output": {"path"}, "s3": None, "storage": None, "ray": None, "i
 def config_fingerprint(cfg: CurateConfig) -> str:
     """A hash of every setting that changes shard contents; stored in stats.json."""
     d = to_dict(cfg)
+    if not cfg.depth.model_path:  # depth off: its options write nothing (and outputs made before it existed resume)
+        d.pop("depth", None)
     for section, keys in _NOT_CONTENT.items():
         if keys is None:
             d.pop(section, None)

@@ -4,6 +4,7 @@
             ─► [actors] OCR / NSFW / aesthetic                       (ray.filters: actors, cpus, gpus)
             ─► [actors] VLM captions (when caption.vlm_path is set)  (ray.caption)
             ─► [actors] VAE / text-encoder latents (latents.enabled)  (ray.latents)
+            ─► [actors] depth maps, depth.mp4 (depth.model_path)      (ray.depth)
             ─► driver: completion record per input
     all inputs recorded ─► global dedup ─► shards, index.json, stats.json, rejected.jsonl, _SUCCESS
 
@@ -32,6 +33,7 @@ from . import io as vio
 from .config import CurateConfig, config_fingerprint, storage_options
 from .sources import SourceItem, list_sources
 from .stages.clip import InputResult, process_video
+from .stages.depth import DepthEstimator, check_depth
 from .stages.latents import LatentEncoder, actor_device, check_latents
 from .stages.models import Captioner, ModelFilters, attach_source_captions
 from .stages.probe import Rejected
@@ -95,6 +97,14 @@ class _ModelFilterActor:
 class _LatentActor:
     def __init__(self, cfg):
         self.fn = LatentEncoder(cfg)
+
+    def __call__(self, batch):
+        return _repack_batch(self.fn(_unpack_batch(batch)))
+
+
+class _DepthActor:
+    def __init__(self, cfg):
+        self.fn = DepthEstimator(cfg)
 
     def __call__(self, batch):
         return _repack_batch(self.fn(_unpack_batch(batch)))
@@ -167,8 +177,8 @@ class Progress:
             if res.probe is not None and not rej["decode"]:
                 self.kept["probe"] += 1
             self.kept["clip"] += res.entered.get("filter", 0)
-            self.kept["filter"] += len(res.clips) + rej["caption"] + rej["latents"]
-            self.kept["caption"] += len(res.clips) + rej["latents"]
+            self.kept["filter"] += len(res.clips) + rej["caption"] + rej["latents"] + rej["depth"]
+            self.kept["caption"] += len(res.clips) + rej["latents"] + rej["depth"]
             self.kept["record"] += len(res.clips)
             if self.p is not None:
                 for s, t in self.tasks.items():
@@ -285,7 +295,8 @@ def actor_stages(cfg: CurateConfig, uses_models: bool, uses_vlm: bool) -> list[t
     """(name under ray., actor class) of the model-backed stages this run uses, in pipeline order."""
     return [(name, actor) for name, actor, used in (("filters", _ModelFilterActor, uses_models),
                                                     ("caption", _CaptionActor, uses_vlm),
-                                                    ("latents", _LatentActor, cfg.latents.enabled)) if used]
+                                                    ("latents", _LatentActor, cfg.latents.enabled),
+                                                    ("depth", _DepthActor, bool(cfg.depth.model_path))) if used]
 
 
 def check_resources(cfg: CurateConfig, cpus: float, uses_models: bool, uses_vlm: bool,
@@ -367,6 +378,7 @@ def run(cfg: CurateConfig, *, address: Optional[str] = None, progress: bool = Tr
 def _run(cfg: CurateConfig, address: Optional[str], progress: bool, echo, stop: _StopOnSignal) -> dict:
     t0 = time.time()
     check_latents(cfg)
+    check_depth(cfg)
     options = storage_options(cfg)
     out = cfg.output.path
     items = list_sources(cfg.input.path, cfg.input.extensions, options, cfg.input.limit)
@@ -468,7 +480,7 @@ def _quiet_ray_data_console() -> None:
 
 
 def _add_actor_stages(ds, cfg, uses_models: bool, uses_vlm: bool):
-    """The actor pools after the video tasks: model filters, VLM captions, latents (those in use)."""
+    """The actor pools after the video tasks: model filters, VLM captions, latents, depth (those in use)."""
     import ray
 
     for name, actor in actor_stages(cfg, uses_models, uses_vlm):

@@ -95,6 +95,55 @@ def encode_frames(frames: Iterable[np.ndarray], fps: Fraction | float, codec: st
     return buf.getvalue()
 
 
+def encode_grey(frames: Iterable[np.ndarray], fps: Fraction | float, *, preset: str = "veryfast") -> bytes:
+    """Lossless H.264 mp4 bytes of grey uint8 frames (H×W, any sides): a depth map, a mask. Same input
+    → same bytes; needs libx264.
+
+    :func:`encode_frames` (``lossless``) is not exact for grey: its RGB → limited-range YUV → RGB round
+    trip moves about one pixel in seven by one level. Here each frame *is* the luma plane of a
+    full-range 4:4:4 picture (``yuvj444p``, chroma 128) coded at ``qp 0``, so a decoder that honours
+    the stream's full-range flag (FFmpeg/PyAV, the training loader's ``decode_video``) gives
+    R = G = B = the value, exactly.
+    """
+    if "libx264" not in available_h264_encoders():
+        raise RuntimeError(f"encode_grey needs libx264 (lossless 4:4:4), this PyAV build has "
+                           f"{available_h264_encoders() or 'no H.264 encoder'}; install an `av` wheel from PyPI, "
+                           "which ships libx264")
+    rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as out:
+        stream = None
+        for i, frame in enumerate(frames):
+            frame = np.asarray(frame)
+            if frame.ndim != 2 or frame.dtype != np.uint8:
+                raise ValueError(f"encode_grey: frame {i} is {frame.dtype}{tuple(frame.shape)}, not uint8 H×W")
+            h, w = frame.shape
+            if stream is None:
+                stream = out.add_stream("libx264", rate=rate)
+                stream.width, stream.height = w, h
+                stream.pix_fmt = "yuv444p"
+                stream.codec_context.color_range = 2  # JPEG (full) range: Y = the value
+                stream.codec_context.time_base = Fraction(1) / rate
+                stream.options = {"qp": "0", "preset": preset, "threads": "1"}
+                stream.codec_context.flags |= getattr(av.codec.context.Flags, "bitexact", 0) or 0
+            elif (h, w) != (stream.height, stream.width):
+                raise ValueError(f"encode_grey: frame {i} is {w}x{h}, frame 0 {stream.width}x{stream.height}")
+            vf = av.VideoFrame(w, h, "yuv444p")
+            for k, plane in enumerate(vf.planes):
+                rows = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)
+                rows[:, :w] = frame if k == 0 else 128
+            vf.color_range = 2
+            vf.pts = i
+            vf.time_base = Fraction(1) / rate
+            for packet in stream.encode(vf):
+                out.mux(packet)
+        if stream is None:
+            raise ValueError("encode_grey: no frames")
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
 def stream_fps(stream) -> Optional[Fraction]:
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     return Fraction(rate) if rate else None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 WORDS = ("a red green blue yellow purple orange circle square triangle moves from left right to "
          "top bottom the video shows shape on background").split()
 
@@ -97,6 +99,62 @@ def save_tiny_clip_aesthetic(folder: str, seed: int = 0) -> tuple[str, str]:
     head_path = os.path.join(folder, "head.safetensors")
     save_file({"weight": torch.zeros(1, 16), "bias": torch.full((1,), 5.0)}, head_path)
     return clip_path, head_path
+
+
+def save_tiny_depth_anything(folder: str, seed: int = 0, size: int = 28) -> str:
+    """A tiny Depth-Anything (DepthAnythingForDepthEstimation on a 4-layer, 16-wide Dinov2 backbone)
+    and its DPT image processor (frames resized to ``size``², a multiple of the 14-px patch).
+
+    transformers' own init leaves the ReLU head at ~1e-8 everywhere; the weights are redrawn at unit
+    gain and the last bias set to 1, so the map varies with the picture (a test can tell frames apart).
+    """
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    try:
+        from transformers import DPTImageProcessorPil as Processor  # no torchvision needed
+    except ImportError:
+        from transformers import DPTImageProcessor as Processor
+
+    torch.manual_seed(seed)
+    backbone = Dinov2Config(image_size=size, patch_size=14, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=32, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
+    cfg = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=16, neck_hidden_sizes=[8, 8, 16, 16],
+                              fusion_hidden_size=8, head_hidden_size=8)
+    model = DepthAnythingForDepthEstimation(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+        model.head.conv3.bias.fill_(1.0)
+    model.save_pretrained(folder)
+    Processor(size={"height": size, "width": size}, keep_aspect_ratio=False, ensure_multiple_of=14,
+              do_pad=False).save_pretrained(folder)
+    return folder
+
+
+def depth_reference(model_path: str, mp4: bytes) -> np.ndarray:
+    """What depth.mp4 of a clip must hold, computed here without the curation stage: every frame of
+    ``mp4`` through the processor and the model in one batch, resized to the clip by the processor's
+    post-processing, then 255 · (v − min) / (max − min) over the whole clip (a disparity model:
+    near = bright), rounded. uint8 F×H×W."""
+    import io
+
+    import av
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    with av.open(io.BytesIO(mp4)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+    processor = AutoImageProcessor.from_pretrained(model_path)
+    model = AutoModelForDepthEstimation.from_pretrained(model_path).eval()
+    with torch.no_grad():
+        out = model(**processor(images=frames, return_tensors="pt"))
+    size = frames[0].shape[:2]
+    maps = torch.stack([r["predicted_depth"].reshape(size) for r in
+                        processor.post_process_depth_estimation(out, target_sizes=[size] * len(frames))]).numpy()
+    lo, hi = maps.min(), maps.max()
+    return np.clip(np.rint((maps - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
 
 
 def write_bad_inputs(folder: str, good_video: str | None = None) -> dict[str, str]:

@@ -139,7 +139,7 @@ class LatentEncoder:
                     continue
                 pixels = torch.from_numpy(crop.arrays["pixels"])[None].to(self.device)  # 1×3×F×H×W uint8
                 latent = self.vae.encode(pixels_to_unit(pixels))[0]  # C×F'×H'×W'
-                clip.extra = {"latent.npy": _npy(latent.float().cpu().numpy().astype(np.float16))}
+                clip.extra["latent.npy"] = _npy(latent.float().cpu().numpy().astype(np.float16))
                 b = crop.bucket
                 clip.meta["latents"] = dict(self.record, latent_shape=list(latent.shape),
                                             bucket={"height": b.height, "width": b.width, "frames": b.frames},

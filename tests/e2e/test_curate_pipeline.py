@@ -274,6 +274,34 @@ def test_bad_inputs_and_s3_output(ray_cluster, corpus, blip, s3_server, tmp_path
         assert s3_server["secret"].encode() not in fs.cat_file(f"curate-s3/shards/{name}")
 
 
+def test_depth_stage_on_ray_writes_depth_members(ray_cluster, tmp_path):
+    """depth.model_path on: an actor pool runs a tiny Depth-Anything over every clip; each sample gets a
+    depth.mp4 with the clip's frames whose levels are the model's own normalised prediction."""
+    import av
+    import numpy as np
+
+    from data_pipeline.pipeline import run
+    from tests.helpers_models import depth_reference, save_tiny_depth_anything
+    from vchitect.models.encoders import folder_identity
+
+    root = str(tmp_path / "raw")
+    truth = synthetic.generate_corpus(root, n=1, seed=5, defects=False)
+    model = save_tiny_depth_anything(str(tmp_path / "tiny-depth"))
+    out = str(tmp_path / "out")
+    stats = run(load_curate_config(CONFIG, _overrides(root, out) + [
+        f"depth.model_path={model}", "clip.max_size=96", "filters.ocr=false", "filters.nsfw=false"]), progress=False)
+    samples = _samples(out)
+    assert len(samples) == stats["counts"]["clips_written"] == truth["expected_clips"] == 2
+    for key, m in samples.items():
+        assert set(m) == {"mp4", "depth.mp4", "json", "txt"}
+        meta = json.loads(m["json"])
+        assert meta["depth"]["model"] == folder_identity(model) and meta["depth"]["frames"] == meta["num_frames"]
+        with av.open(io.BytesIO(m["depth.mp4"])) as c:
+            got = np.stack([f.to_ndarray(format="rgb24")[..., 0] for f in c.decode(video=0)])
+        assert got.shape == (meta["num_frames"], meta["height"], meta["width"])
+        assert np.abs(got.astype(int) - depth_reference(model, m["mp4"])).max() <= 1, key
+
+
 # ----------------------------------------------------------------------------- resume
 
 

@@ -60,11 +60,64 @@ def test_every_field_is_documented():
         assert help_text.strip(), f"{key} has no help text"
 
 
-@pytest.mark.parametrize("name", ["demo", "image-256", "joint-256", "video-480p"])
-def test_train_configs_load_and_fit_their_model(name):
+def test_every_train_config_loads_and_fits_its_model():
+    from pathlib import Path
+
+    names = sorted(p.stem for p in Path("configs/train").glob("*.yaml"))
+    assert {"demo", "image-256", "joint-256", "video-480p", "tasks-image-256", "tasks-joint-256",
+            "tasks-video-480p"} <= set(names)
+    for name in names:
+        cfg = load_config(f"configs/train/{name}.yaml")
+        cfg.check_data_fits_model()
+        assert cfg.train.output_dir == f"runs/{name}" or name == "demo-shards", name
+
+
+# The progressive Many-for-Many recipe (docs/tasks.md): each stage is its text-to-video stage plus tasks.
+RECIPE = {"tasks-image-256": "image-256", "tasks-joint-256": "joint-256", "tasks-video-480p": "video-480p"}
+# what a tasks stage may change in its text-to-video stage
+TASK_KEYS = ("model.condition_", "data.mode", "data.encoders.", "data.tasks", "data.task_options.", "train.output_dir",
+             "train.init_from")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "tasks":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE))
+def test_progressive_task_recipe_stages(name):
+    from vchitect.config import to_dict
+    from vchitect.data.tasks import TASKS
+
     cfg = load_config(f"configs/train/{name}.yaml")
-    cfg.check_data_fits_model()
-    assert cfg.train.output_dir.startswith("runs/")
+    base = load_config(f"configs/train/{RECIPE[name]}.yaml")
+    cfg.check_data_fits_model()  # adapter factors = the data's VAE factors, tasks with the adapter
+    d = cfg.data
+    assert d.mode == "decode" and cfg.model.condition_channels == 4
+    assert (cfg.model.condition_vae_spatial_factor, cfg.model.condition_vae_temporal_factor) == \
+        (d.vae_spatial_factor, d.vae_temporal_factor) == (8, 1)
+    assert d.encoders.vae_path and d.encoders.text_encoder_kind == "sd3"
+    image = {t for t, w in d.tasks.items() if w > 0 and TASKS[t].image}
+    video = {t for t, w in d.tasks.items() if w > 0 and not TASKS[t].image}
+    if name == "tasks-image-256":  # stage 1: image tasks only, from SD3 as image-256
+        assert image >= {"t2i", "iinp", "icolor"} and not video and cfg.train.init_from == base.train.init_from
+    elif name == "tasks-joint-256":  # stage 2: both, from stage 1's export
+        assert image >= {"t2i", "iinp"} and video >= {"t2v", "i2v", "vinp", "itrans"} and d.image_ratio > 0
+        assert cfg.train.init_from == "vchitect2:exports/tasks-image-256"
+    else:  # stage 3: video tasks with some image tasks on single frames, from stage 2's export
+        assert video >= {"t2v", "i2v", "vinp", "itrans"} and 0 < len(image) and d.image_ratio > 0
+        assert sum(d.tasks[t] for t in video) > 0 and any(b.frames == 1 for b in d.buckets)
+        assert cfg.train.init_from == "vchitect2:exports/tasks-joint-256"
+    # everything else is the text-to-video stage's (stage 3 adds image buckets and image_ratio)
+    allowed = TASK_KEYS + (("data.buckets", "data.image_ratio") if name == "tasks-video-480p" else ())
+    got, want = _flat(to_dict(cfg)), _flat(to_dict(base))
+    changed = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    assert changed and all(k.startswith(allowed) for k in changed), changed
 
 
 def test_data_that_does_not_fit_the_model_is_named():

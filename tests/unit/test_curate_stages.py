@@ -495,6 +495,10 @@ def test_resource_plan_leaves_a_cpu_for_video_tasks():
     with pytest.raises(RuntimeError, match=r"ask for 0.5 GPUs \(ray.latents: 1 × 0.5\) but the Ray cluster has 0"):
         check_resources(cfg, 2.0, uses_models=True, uses_vlm=False)
     check_resources(cfg, 2.0, uses_models=True, uses_vlm=False, gpus=1.0)
+    cfg.depth.model_path = "/models/depth"  # the depth pool's CPUs count too
+    with pytest.raises(RuntimeError, match="ray.filters.actors / ray.filters.cpus / ray.latents.actors / "
+                       "ray.latents.cpus / ray.depth.actors / ray.depth.cpus"):
+        check_resources(cfg, 2.0, uses_models=True, uses_vlm=False, gpus=1.0)
 
 
 def test_latent_actor_runs_on_cpu_without_gpus_and_on_cuda_with_them(monkeypatch):
@@ -583,6 +587,120 @@ def test_latents_from_local_vae_and_text_encoder(tmp_path, corpus):
     # the text shapes are those of the training config's data.text, checked when the actor starts
     with pytest.raises(LatentsNotAvailable, match="set latents.text to data.text of the training config"):
         LatentEncoder(_cfg(root, str(tmp_path / "out4"), *lat_cfg, "latents.text.dim=32"))
+
+
+def _depth_video(mp4: bytes) -> np.ndarray:
+    """A depth.mp4 as the training loader reads it (every frame, at its own size): uint8 3×F×H×W."""
+    from vchitect.data.buckets import Bucket
+    from vchitect.data.decode import decode_video
+
+    with av.open(io.BytesIO(mp4)) as c:
+        s = c.streams.video[0]
+        n, w, h = s.frames, s.codec_context.width, s.codec_context.height
+    px, _, _ = decode_video(mp4, lambda info: Bucket(h, w, n), 1.0, np.random.default_rng(0), indices=list(range(n)))
+    return px
+
+
+def test_depth_stage_writes_the_models_normalised_depth_per_frame(tmp_path, corpus):
+    """depth.mp4: the clip's frames, fps and size; per frame the tiny Depth-Anything's own prediction,
+    normalised over the clip (near = bright), within one level (8-bit rounding of batch-size float noise)."""
+    root, _ = corpus
+    from data_pipeline.stages.depth import DepthEstimator, check_depth
+    from data_pipeline.stages.models import Captioner
+    from tests.helpers_models import depth_reference, save_tiny_depth_anything
+    from vchitect.models.encoders import folder_identity
+
+    model = save_tiny_depth_anything(str(tmp_path / "tiny-depth"))
+    cfg = _cfg(root, str(tmp_path / "out"), "clip.max_size=96", f"depth.model_path={model}", "depth.frames_per_batch=4")
+    check_depth(cfg)
+    item = _item(root, "video_0000.mp4")
+    res = process_video(os.path.join(root, "videos", "video_0000.mp4"), item, cfg)
+    n = len(res.clips)
+    Captioner(cfg)([res], {item.source_id: item})
+    DepthEstimator(cfg)([res])
+    assert len(res.clips) == n > 0 and not res.rejections
+    for clip in res.clips:
+        with av.open(io.BytesIO(clip.mp4)) as a, av.open(io.BytesIO(clip.extra["depth.mp4"])) as b:
+            sa, sb = a.streams.video[0], b.streams.video[0]
+            assert (sb.average_rate, sb.codec_context.width, sb.codec_context.height) == \
+                (sa.average_rate, sa.codec_context.width, sa.codec_context.height)
+            assert sum(1 for _ in b.decode(sb)) == sum(1 for _ in a.decode(sa)) == clip.meta["num_frames"]
+        got = _depth_video(clip.extra["depth.mp4"])
+        assert (got[0] == got[1]).all() and (got[1] == got[2]).all()  # grey
+        want = depth_reference(model, clip.mp4)
+        diff = np.abs(got[0].astype(int) - want.astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+        assert got.min() == 0 and got.max() == 255 and len(np.unique(got)) > 50  # normalised, not flat
+        assert not np.array_equal(got[0, 0], got[0, -1])  # frames differ: the model saw each one
+        rec = clip.meta["depth"]
+        assert rec["model"] == folder_identity(model) and rec["model_type"] == "depth_anything"
+        assert rec["output"] == "disparity" and rec["frames"] == clip.meta["num_frames"]
+    write_record(str(tmp_path / "out"), res)
+    finalize(str(tmp_path / "out"), cfg, [item.source_id], fingerprint="f")
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        assert sorted(n.split(".", 1)[1] for n in tar.getnames()) == sorted(["mp4", "json", "txt", "depth.mp4"] * n)
+
+
+def test_depth_settings_change_the_fingerprint_only_when_depth_is_on():
+    from data_pipeline.config import config_fingerprint
+
+    def fp(*more):
+        return config_fingerprint(load_curate_config(None, ["input.path=x", "output.path=y", *more]))
+
+    assert fp() == fp("depth.frames_per_batch=2", "depth.output=depth")  # off: nothing written, same records
+    assert fp("depth.model_path=/m") != fp() and fp("depth.model_path=/m") != fp("depth.model_path=/m", "depth.output=depth")
+    assert fp("depth.model_path=/m") == fp("depth.model_path=/m", "ray.depth.actors=3")  # resources never count
+
+
+def test_depth_levels_put_near_bright_for_disparity_and_depth_models():
+    from data_pipeline.stages.depth import depth_output, to_levels
+
+    pred = np.array([[1.0, 2.0], [3.0, 5.0]])
+    assert to_levels(pred, 1.0, 5.0, "disparity").tolist() == [[0, 64], [128, 255]]  # larger = nearer
+    assert to_levels(pred, 1.0, 5.0, "depth").tolist() == [[255, 191], [128, 0]]  # larger = farther
+    assert not to_levels(pred, 2.0, 2.0, "depth").any()  # a constant prediction: 0
+
+    class Cfg:
+        def __init__(self, model_type, kind=None):
+            self.model_type, self.depth_estimation_type = model_type, kind
+
+    assert depth_output(Cfg("depth_anything", "relative")) == "disparity" and depth_output(Cfg("dpt")) == "disparity"
+    assert depth_output(Cfg("depth_anything", "metric")) == "depth" and depth_output(Cfg("zoedepth")) == "depth"
+    assert depth_output(Cfg("zoedepth"), "disparity") == "disparity"
+
+
+def test_depth_stage_refuses_a_missing_folder_or_another_kind_of_model(tmp_path, corpus):
+    root, _ = corpus
+    from transformers import BertConfig
+
+    from data_pipeline.stages.depth import DepthNotAvailable, check_depth
+
+    check_depth(_cfg(root))  # off by default
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(DepthNotAvailable, match=rf"depth.model_path='{missing}' is not a local folder"):
+        check_depth(_cfg(root, "/tmp/unused", f"depth.model_path={missing}"))
+    bert = str(tmp_path / "bert")
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(bert)
+    with pytest.raises(DepthNotAvailable, match=rf"depth.model_path='{bert}' holds a 'bert' model, not a "
+                       "depth-estimation model .*depth_anything"):
+        check_depth(_cfg(root, "/tmp/unused", f"depth.model_path={bert}"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DepthNotAvailable, match="depth.model_path=.*no transformers model config"):
+        check_depth(_cfg(root, "/tmp/unused", f"depth.model_path={empty}"))
+
+
+def test_grey_frames_round_trip_exactly_through_encode_grey():
+    """Every level 0..255, at an odd width (the loader's rgb24 path) and at a multiple of 16 (its gbrp
+    path); encode_frames(lossless=True) moves some of them by one level, encode_grey none."""
+    from data_pipeline.video import encode_grey
+
+    for W in (48, 42):
+        g = (np.arange(4 * 16 * W) * 7 % 256).astype(np.uint8).reshape(4, 16, W)
+        got = _depth_video(encode_grey(g, 8))
+        assert all(np.array_equal(got[c], g) for c in range(3)), W
+    lossy = _depth_video(encode_frames(np.repeat(g[..., None], 3, -1), 8, lossless=True))
+    assert not np.array_equal(lossy[0], g) and np.abs(lossy[0].astype(int) - g).max() == 1
 
 
 def test_sources_from_an_s3_prefix(s3_server):

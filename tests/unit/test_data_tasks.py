@@ -255,6 +255,20 @@ def test_per_source_task_errors_name_the_source(task_dir, sources, tasks, match)
         cfg_for(task_dir, sources=sources, tasks=tasks).validate()
 
 
+def test_a_sample_without_the_depth_member_draws_another_task_or_is_skipped(task_dir):
+    from vchitect.data.decode import BadSample
+
+    members = _members(task_dir)  # no depth.mp4
+    with pytest.raises(BadSample, match="depth depth.mp4") as err:
+        SampleDecoder(cfg_for(task_dir, image_ratio=0.0, tasks={"depth": 1.0}))("k0", members, 0)
+    assert err.value.reason == "no_task"
+    mixed = SampleDecoder(cfg_for(task_dir, image_ratio=0.0, tasks={"depth": 1.0, "t2v": 1.0}))
+    assert {mixed("k0", members, e).task for e in range(8)} == {"t2v"}
+    with pytest.raises(BadSample) as err:  # there, but not a video
+        SampleDecoder(cfg_for(task_dir, image_ratio=0.0, tasks={"depth": 1.0}))("k0", {**members, "depth.mp4": b"x"}, 0)
+    assert err.value.reason == "bad_depth" and "depth.mp4" in str(err.value)
+
+
 def test_collate_mixes_tasks_in_one_batch(task_dir):
     members = _members(task_dir)
     dec = SampleDecoder(cfg_for(task_dir, image_ratio=0.0, tasks={"t2v": 1.0, "vedit": 1.0}))
@@ -300,7 +314,7 @@ def test_encode_batch_float_condition(clip):
     ({"mode": "auto"}, "data.mode: decode"),
     ({"buckets": [BUCKETS[0]], "image_ratio": 0.0}, r"data\.tasks\.t2i is an image task"),
     ({"buckets": [BUCKETS[1]], "image_ratio": 0.0}, r"data\.tasks\.t2v is a video task"),
-    ({"tasks": {"depth": 1.0}}, "depth_member"),
+    ({"tasks": {"depth": 1.0}, "task_options": {"depth_member": None}}, "depth_member"),
     ({"task_options": {"hole_min": 0.6}}, "hole_min"),
 ])
 def test_task_config_errors_name_the_key(task_dir, kw, match):
@@ -309,7 +323,8 @@ def test_task_config_errors_name_the_key(task_dir, kw, match):
 
 
 def test_depth_with_a_member_validates(task_dir):
-    cfg_for(task_dir, tasks={"depth": 1.0}, task_options={"depth_member": "depth.mp4"}).validate()
+    cfg_for(task_dir, tasks={"depth": 1.0}).validate()  # depth.mp4 by default
+    cfg_for(task_dir, tasks={"depth": 1.0}, task_options={"depth_member": "z.mp4"}).validate()
 
 
 def _members(task_dir, index=0):

@@ -202,9 +202,10 @@ class TaskOptions:
                                 "the frame side")
     sr_factor: int = setting(4, min=2, help="vsr/isr: the condition is the clip downscaled by this factor and "
                              "upscaled back")
-    depth_member: Optional[str] = setting(None, help="depth: the shard member holding the sample's depth video "
-                                          "(an mp4 decoded to the clip's frames, e.g. depth.mp4); required when "
-                                          "data.tasks has depth")
+    depth_member: Optional[str] = setting("depth.mp4", help="depth: the shard member holding the sample's depth "
+                                          "video (an mp4 decoded to the clip's frames; depth.mp4 is what the curation "
+                                          "depth stage and `vchitect-curate synth --depth` write); a sample without it "
+                                          "draws another task, or is skipped as no_task")
 
 
 @dataclass
@@ -309,7 +310,7 @@ def check_tasks(cfg: "DataConfig") -> None:
         raise ConfigError(f"data.task_options.border_min={o.border_min} > border_max={o.border_max}")
     if "depth" in weighted and not o.depth_member:
         raise ConfigError("data.tasks.depth needs a depth source: set data.task_options.depth_member to the shard "
-                          "member holding each sample's depth video (e.g. depth.mp4), or remove depth")
+                          "member holding each sample's depth video (default depth.mp4), or remove depth")
 
 
 def text_encoder_configured(cfg) -> bool:

@@ -138,7 +138,7 @@ class SampleDecoder:
         if task is None:
             raise BadSample("no_task", f"no task of ({', '.join(weights)}) applies to this "
                             f"{pixels.shape[1]}-frame sample (image tasks need 1 frame, video tasks more; "
-                            f"vedit needs {SRC_MEMBER}, depth its depth member)")
+                            f"vedit needs {SRC_MEMBER}, depth {self.cfg.task_options.depth_member})")
         side = None
         if task.side is not None:
             name = self._side_member(task.side)

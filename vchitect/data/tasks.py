@@ -229,8 +229,8 @@ def build_vedit(pixels, rng, opts, side=None):  # ROVI removal: the source video
 
 
 def build_depth(pixels, rng, opts, side=None):
-    """Depth-conditioned generation: the depth video (as grey in 3 channels), all known.
-    A hook: the shard member is data.task_options.depth_member (no curation stage writes one yet)."""
+    """Depth-conditioned generation: the depth video (as grey in 3 channels), all known. The shard member is
+    data.task_options.depth_member (depth.mp4: the curation depth stage's, or synth --depth's)."""
     return all_known(grey(_check_side("depth", pixels, side)))
 
 

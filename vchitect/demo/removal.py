@@ -136,9 +136,14 @@ def pair_members(pair: RemovalPair, key: str) -> dict[str, bytes]:
 def write_removal_shards(out: str, n: int, seed: int = 0, *, samples_per_shard: int = 64,
                          prefix: str = PREFIX, size: int = SIZE, fps: float = FPS, options=None) -> dict:
     """Write ``n`` removal pairs as WebDataset shards under ``out`` (local or ``s3://``; ``options``:
-    fsspec storage options), in the layout of ``vchitect-curate run`` (:func:`write_sample_shards`).
-    Sample keys ``removal_{pair seed:010d}_0000``. Same arguments → same bytes. Returns the index."""
+    fsspec storage options), in the layout of ``vchitect-curate run``: ``{prefix}-{index:06d}.tar``,
+    ``index.json``, ``stats.json``, an empty ``rejected.jsonl``, ``_SUCCESS`` (withdrawn first, written
+    last; ``{prefix}-*.tar`` of an earlier, larger run are removed, since the loader reads every tar of
+    the folder). Sample keys ``removal_{pair seed:010d}_0000``. Same arguments → same bytes. Returns
+    the index."""
     from data_pipeline.writer import sample_key
+
+    from .shards import write_sample_shards
 
     if n < 1:
         raise ValueError(f"write_removal_shards: n={n}; ask for at least one pair")
@@ -152,42 +157,11 @@ def write_removal_shards(out: str, n: int, seed: int = 0, *, samples_per_shard: 
             removed[name] = removed.get(name, 0) + 1
             yield key, pair_members(pair, key)
 
-    return write_sample_shards(out, samples(), prefix, samples_per_shard, options,
-                               lambda: {"generator": "vchitect.demo.removal", "task": REMOVAL_TASK, "seed": seed,
-                                        "size": size, "fps": fps, "removed": dict(sorted(removed.items()))})
-
-
-def write_sample_shards(out: str, samples, prefix: str, samples_per_shard: int, options, this_run) -> dict:
-    """Write ``samples`` ((key, members) pairs) as shards in the layout of ``vchitect-curate run``:
-    ``{prefix}-{index:06d}.tar``, ``index.json``, ``stats.json`` (``this_run()`` says what was drawn),
-    an empty ``rejected.jsonl``, ``_SUCCESS`` (withdrawn first, written last; ``{prefix}-*.tar`` of an
-    earlier, larger run are removed, since the loader reads every tar of the folder)."""
-    from data_pipeline import io as vio
-    from data_pipeline.writer import ShardWriter
-
-    for name in ("_SUCCESS", "index.json", "stats.json", "rejected.jsonl"):
-        vio.remove(vio.join(out, name), options)
-    writer = ShardWriter(out, prefix, samples_per_shard, max_bytes=1 << 40, options=options)
-    n = 0
-    for key, members in samples:
-        writer.add(key, members)
-        n += 1
-    shards = writer.close()
-    keep = {e["name"] for e in shards}
-    for name in vio.list_names(out, options):
-        if name.startswith(prefix + "-") and name.endswith(".tar") and name not in keep:
-            vio.remove(vio.join(out, name), options)
-    index = {"format": "webdataset", "prefix": prefix, "shards": shards, "nsamples": n}
-    # stats.json in the curation's layout (`vchitect-curate report OUT` reads it), plus what was drawn
-    stats = {"counts": {"clips_written": n, "inputs": n, "shards": len(shards)}, "rejected_by_stage": {},
-             "rejected_by_reason": {}, "thresholds": {}, "this_run": this_run()}
-    for name, obj in (("index.json", index), ("stats.json", stats)):
-        vio.write_bytes(vio.join(out, name), (json.dumps(obj, sort_keys=True) + "\n").encode(), options)
-    vio.write_bytes(vio.join(out, "rejected.jsonl"), b"", options)
-    vio.write_bytes(vio.join(out, "_SUCCESS"), b"", options)
-    return index
+    # stats.json's this_run: what was drawn
+    return write_sample_shards(out, prefix, samples(), lambda: {
+        "generator": "vchitect.demo.removal", "task": REMOVAL_TASK, "seed": seed, "size": size, "fps": fps,
+        "removed": dict(sorted(removed.items()))}, samples_per_shard=samples_per_shard, options=options)
 
 
 __all__ = ["AXES", "LANES", "PAIR_RADIUS", "PAIR_SECONDS", "REMOVAL_TASK", "REMOVAL_TASK_NAME", "RemovalPair",
-           "pair_members", "pair_seed", "removal_instruction", "render_removal_pair", "write_removal_shards",
-           "write_sample_shards"]
+           "pair_members", "pair_seed", "removal_instruction", "render_removal_pair", "write_removal_shards"]

@@ -107,10 +107,10 @@ def clip_members(clip: MotionClip, key: str) -> dict[str, bytes]:
 def write_motion_shards(out: str, n: int, seed: int = 0, *, samples_per_shard: int = 64, prefix: str = PREFIX,
                         size: int = SIZE, fps: float = FPS, options=None) -> dict:
     """Write ``n`` motion clips as shards under ``out`` in the layout of ``vchitect-curate run``
-    (:func:`vchitect.demo.removal.write_sample_shards`); keys ``motion_{clip seed:010d}_0000``."""
+    (:func:`vchitect.demo.shards.write_sample_shards`); keys ``motion_{clip seed:010d}_0000``."""
     from data_pipeline.writer import sample_key
 
-    from .removal import write_sample_shards
+    from .shards import write_sample_shards
 
     if n < 1:
         raise ValueError(f"write_motion_shards: n={n}; ask for at least one clip")
@@ -121,9 +121,9 @@ def write_motion_shards(out: str, n: int, seed: int = 0, *, samples_per_shard: i
             key = sample_key(f"motion_{clip.seed:010d}", 0)
             yield key, clip_members(clip, key)
 
-    return write_sample_shards(out, samples(), prefix, samples_per_shard, options,
-                               lambda: {"generator": "vchitect.demo.task_world", "seed": seed, "size": size,
-                                        "fps": fps, "radius": MOTION_RADIUS, "speeds": list(SPEEDS)})
+    return write_sample_shards(out, prefix, samples(), lambda: {
+        "generator": "vchitect.demo.task_world", "seed": seed, "size": size, "fps": fps, "radius": MOTION_RADIUS,
+        "speeds": list(SPEEDS)}, samples_per_shard=samples_per_shard, options=options)
 
 
 __all__ = ["CLIP_SECONDS", "MOTION_RADIUS", "MotionClip", "SPEEDS", "clip_members", "clip_seed",
