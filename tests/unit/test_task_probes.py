@@ -60,8 +60,9 @@ def test_i2v_probe_reports_the_direction_and_colour():
     assert r2.direction is not None and r2.direction != p.meta["direction"]
 
 
-def test_removal_probes_pass_the_target_and_fail_the_source():
-    ps = removal_probes(6, seed=77)
+@pytest.mark.parametrize("radius", [None, 0.21])  # the pairs' default and the multi-task demo's larger objects
+def test_removal_probes_pass_the_target_and_fail_the_source(radius):
+    ps = removal_probes(6, seed=77, radius=radius)
     assert judge("vedit", ps, np.stack([p.meta["target"] for p in ps]))["figures"]["ok"] == 1.0
     assert judge("vedit", ps, np.stack([p.truth for p in ps]))["figures"]["ok"] == 0.0
 

@@ -134,7 +134,8 @@ def pair_members(pair: RemovalPair, key: str) -> dict[str, bytes]:
 
 
 def write_removal_shards(out: str, n: int, seed: int = 0, *, samples_per_shard: int = 64,
-                         prefix: str = PREFIX, size: int = SIZE, fps: float = FPS, options=None) -> dict:
+                         prefix: str = PREFIX, size: int = SIZE, fps: float = FPS, radius: float = PAIR_RADIUS,
+                         options=None) -> dict:
     """Write ``n`` removal pairs as WebDataset shards under ``out`` (local or ``s3://``; ``options``:
     fsspec storage options), in the layout of ``vchitect-curate run``: ``{prefix}-{index:06d}.tar``,
     ``index.json``, ``stats.json``, an empty ``rejected.jsonl``, ``_SUCCESS`` (withdrawn first, written
@@ -151,7 +152,7 @@ def write_removal_shards(out: str, n: int, seed: int = 0, *, samples_per_shard: 
 
     def samples():
         for i in range(n):
-            pair = render_removal_pair(pair_seed(seed, i), size=size, fps=fps)
+            pair = render_removal_pair(pair_seed(seed, i), size=size, fps=fps, radius=radius)
             key = sample_key(f"removal_{pair.seed:010d}", 0)
             name = f"{pair.removed['color']} {pair.removed['shape']}"
             removed[name] = removed.get(name, 0) + 1
@@ -159,7 +160,7 @@ def write_removal_shards(out: str, n: int, seed: int = 0, *, samples_per_shard: 
 
     # stats.json's this_run: what was drawn
     return write_sample_shards(out, prefix, samples(), lambda: {
-        "generator": "vchitect.demo.removal", "task": REMOVAL_TASK, "seed": seed, "size": size, "fps": fps,
+        "generator": "vchitect.demo.removal", "task": REMOVAL_TASK, "seed": seed, "size": size, "fps": fps, "radius": radius,
         "removed": dict(sorted(removed.items()))}, samples_per_shard=samples_per_shard, options=options)
 
 

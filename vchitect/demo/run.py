@@ -375,25 +375,41 @@ def summary_table(summary: dict) -> Table:
 
 
 # ------------------------------------------------------------------ orchestration
-def run_demo(s: DemoSettings) -> dict:
-    # Offline and quiet: no hub lookups, no per-load progress bars; child processes print wide lines.
+def quiet_offline() -> None:
+    """Offline and quiet: no hub lookups, no per-load progress bars; child processes print wide lines."""
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                       TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
     os.environ.setdefault("COLUMNS", "150")
     try:
+        import diffusers
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()  # the stage lines say what loads
+        diffusers.utils.logging.set_verbosity_error()
     except Exception:  # noqa: BLE001 - cosmetic only
         pass
+
+
+def stage_clock(label: str, total: int):
+    """``stage(n, title)``: print the header of stage n/total (elapsed time since the first call of this
+    clock) and return the time, for the per-stage wall times."""
+    t_start = time.time()
+
+    def stage(n: int, title: str) -> float:
+        console.rule(f"[bold]{label}{n}/{total} {title}[/]  [dim](+{time.time() - t_start:.0f}s)[/]")
+        return time.time()
+
+    return stage
+
+
+def run_demo(s: DemoSettings) -> dict:
+    quiet_offline()
     s.out = Path(s.out).resolve()
     s.out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t_start = time.time()
-
-    def stage(n: int, title: str):
-        console.rule(f"[bold]{n}/7 {title}[/]  [dim](+{time.time() - t_start:.0f}s)[/]")
-        return time.time()
+    stage = stage_clock("", 7)
 
     t = stage(1, "synthetic raw corpus")
     corpus = step_corpus(s)
