@@ -84,7 +84,7 @@ def motion_probes(task: str, n: int, seed: int = PROBE_SEED) -> list[Probe]:
     covering the object wholly in some frame where it is inside)."""
     from data_pipeline.synthetic import caption_for
 
-    from ..eval.probe import object_track
+    from ..eval.probe import object_mask, object_track
     from .task_world import clip_members, render_motion_clip
 
     out: list[Probe] = []
@@ -105,10 +105,7 @@ def motion_probes(task: str, n: int, seed: int = PROBE_SEED) -> list[Probe]:
             mask[[0, -1]] = 1
         elif task == "vinp":
             mid = list(range(FRAMES // 4, FRAMES - FRAMES // 4))      # frames 2–5 of 8
-            from ..eval.probe import _background, _colour_masks
-
-            obj = _colour_masks(truth.astype(np.float32), _background(truth.astype(np.float32)), [clip.color],
-                                60.0)[clip.color]
+            obj = object_mask(truth, clip.color)
             if not any(inside[f] for f in mid) or not obj[mid].any():
                 continue
             ys, xs = np.nonzero(obj[mid].any(0))
@@ -222,9 +219,8 @@ def judge(task: str, probes: list[Probe], videos: np.ndarray) -> dict:
 def t2v_probe(pipe, seed: int, steps: int, guidance: float, tasks: bool, quick: bool = False) -> dict:
     """Colour and direction accuracy of text-to-video on every colour × shape × direction prompt."""
     from ..data.tasks import TASKS, task_caption
-    from ..eval.probe import probe_video
+    from ..eval.probe import probe_video, score
     from .corpus import HELD_OUT
-    from ..eval.probe import score
     from .run import generate
 
     prompts = eval_prompts()[:4] if quick else eval_prompts()
@@ -234,10 +230,17 @@ def t2v_probe(pipe, seed: int, steps: int, guidance: float, tasks: bool, quick: 
     return {"figures": acc, "videos": videos}
 
 
-def probe_model(pipe, s: TasksSettings, tasks: bool) -> dict:
-    """Every probe on one model: {task: {figures, rows}}, plus the videos for the sheet."""
+def probe_sets(s: TasksSettings) -> dict[str, list[Probe]]:
+    """The held-out conditions of every conditional task (rendered, encoded and decoded once; every
+    model is judged on the same ones)."""
     sets = {t: motion_probes(t, s.probes) for t in ("i2v", "itrans", "vinp")}
     sets["vedit"] = removal_probes(s.probes, radius=s.removal_radius)
+    return sets
+
+
+def probe_model(pipe, s: TasksSettings, sets: dict[str, list[Probe]], tasks: bool) -> dict:
+    """Every probe (``sets``: :func:`probe_sets`) on one model: {task: {figures, rows}}, plus the videos
+    for the sheet."""
     out, videos = {}, {}
     for k, (task, probes) in enumerate(sets.items()):
         v = sample_probes(pipe, probes, 5000 + k, s.sample_steps, s.guidance, tasks)
@@ -392,10 +395,11 @@ def run_tasks_demo(s: TasksSettings) -> dict:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     tuned = pipeline_from_checkpoint(s.out / "run" / "checkpoints", ema=True)
     tuned.set_progress_bar_config(disable=True)
-    got = probe_model(tuned, s, tasks=True)
+    sets = probe_sets(s)
+    got = probe_model(tuned, s, sets, tasks=True)
     base_pipe = DiffusionPipeline.from_pretrained(str(base / "export"))
     base_pipe.set_progress_bar_config(disable=True)
-    ref = probe_model(base_pipe, s, tasks=False)
+    ref = probe_model(base_pipe, s, sets, tasks=False)
     seconds["probe"] = time.time() - t
     t = stage(5, f"writing {s.out}")
     task_sheet(s.out / "tasks_sheet.png", got["videos"])

@@ -198,16 +198,22 @@ def result_dict(r: ProbeResult) -> dict:
 
 # -- conditional tasks (Many-for-Many; docs/tasks.md): where is the object, given what was given -----------
 
-def object_track(frames: np.ndarray, color: str, threshold: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
-    """The object of vocabulary colour ``color`` in ``frames`` (F×H×W×3 uint8): its per-frame centroid
-    (F×2, x and y in pixels, NaN where the frame has none of it) and whether it lies wholly inside the
-    frame (F bools: some of it is there and none of it touches the one-pixel border)."""
+def object_mask(frames: np.ndarray, color: str, threshold: float = 60.0) -> np.ndarray:
+    """F×H×W bool: the pixels of ``frames`` (F×H×W×3 uint8) that belong to the object of vocabulary
+    colour ``color`` (nearest to it among the palette and the border's background, within ``threshold``)."""
     x = np.asarray(frames, np.float32)
     if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"object_track: expected F×H×W×3 frames, got {x.shape}")
+        raise ValueError(f"object_mask: expected F×H×W×3 frames, got {x.shape}")
     if color not in COLORS:
-        raise ValueError(f"object_track: color={color!r} is not a vocabulary colour ({', '.join(COLORS)})")
-    mask = _colour_masks(x, _background(x), [color], threshold)[color]
+        raise ValueError(f"object_mask: color={color!r} is not a vocabulary colour ({', '.join(COLORS)})")
+    return _colour_masks(x, _background(x), [color], threshold)[color]
+
+
+def object_track(frames: np.ndarray, color: str, threshold: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """The object of vocabulary colour ``color`` in ``frames`` (F×H×W×3 uint8, :func:`object_mask`): its
+    per-frame centroid (F×2, x and y in pixels, NaN where the frame has none of it) and whether it lies
+    wholly inside the frame (F bools: some of it is there and none of it touches the one-pixel border)."""
+    mask = object_mask(frames, color, threshold)
     border = mask[:, 0].any(1) | mask[:, -1].any(1) | mask[:, :, 0].any(1) | mask[:, :, -1].any(1)
     return _centroids(mask), mask.any(axis=(1, 2)) & ~border
 
@@ -285,12 +291,12 @@ def probe_inpaint(frames: np.ndarray, truth: np.ndarray, hole: np.ndarray, color
     gen, ref = np.asarray(frames), np.asarray(truth)
     hole = np.asarray(hole, bool)
     xy, inside = object_track(ref, color)
-    obj = _colour_masks(ref.astype(np.float32), _background(ref.astype(np.float32)), [color], 60.0)[color]
+    obj = object_mask(ref, color)
     covered = [f for f in range(ref.shape[0]) if inside[f] and obj[f].any() and hole[f][obj[f]].all()]
     if not covered:
         raise ValueError("probe_inpaint: the hole covers the object wholly in no frame where it is inside")
     return _judge(gen, xy[covered], covered, color, max_error)
 
 
-__all__ = ["PositionProbe", "ProbeResult", "RemovalProbe", "object_track", "parse_prompt", "probe_i2v", "probe_inpaint",
+__all__ = ["PositionProbe", "ProbeResult", "RemovalProbe", "object_mask", "object_track", "parse_prompt", "probe_i2v", "probe_inpaint",
            "probe_itrans", "probe_removal", "probe_video", "result_dict", "score", "segment_distance"]
