@@ -97,15 +97,15 @@ def load_pipeline(args):
 
 
 # ------------------------------------------------------------------ task inputs
-def read_image(path: str) -> np.ndarray:
-    """H×W×3 uint8 of an image file (anything Pillow opens)."""
+def read_image(path: str, flag: str = "--image", mode: str = "RGB") -> np.ndarray:
+    """H×W×3 uint8 of an image file (anything Pillow opens; ``mode`` "L": H×W grey)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert(mode))
     except (OSError, UnidentifiedImageError) as exc:
-        raise ValueError(f"--image {path}: cannot read it as an image ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{flag} {path}: cannot read it as an image ({type(exc).__name__}: {exc})") from None
 
 
 def read_clip(path: str, flag: str) -> np.ndarray:
@@ -124,13 +124,7 @@ def read_mask(path: str) -> np.ndarray:
     """H×W (an image) or F×H×W (a .gif / .mp4) uint8 mask, 255 = known."""
     if Path(path).suffix.lower() in (".gif", ".mp4"):
         return np.rint(read_clip(path, "--mask").mean(-1)).astype(np.uint8)
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L"))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise ValueError(f"--mask {path}: cannot read it as an image ({type(exc).__name__}: {exc})") from None
+    return read_image(path, "--mask", "L")
 
 
 def task_inputs(args) -> dict:
