@@ -28,6 +28,21 @@ from vchitect.train.config import TrainConfig
 
 
 @dataclass
+class RepVideoConfig:
+    """RepVideo layer aggregation (vchitect/models/repvideo.py, docs/model.md); window 0 = off."""
+
+    window: int = setting(0, min=0, help="layers per aggregation window: block i reads its input mixed with the mean "
+                          "of the outputs of its window's earlier blocks (windows of outputs 0…W−1, W…2W−1, …); "
+                          "0 = off (the plain model), else 2 … num_layers (RepVideo: 6 on 24 layers; the demo's 4 "
+                          "layers: 4)")
+    gate: str = setting("learned", choices=["learned", "fixed"], help="learned: one trained scalar per block "
+                        "(layer_aggregation.gate); fixed: a constant, no parameter")
+    gate_init: Optional[float] = setting(None, min=0.0, max=1.0, help="the gate's value at init (learned) or always "
+                                         "(fixed); null = 0 for learned (identity at init: a pretrained model is "
+                                         "unchanged) and 0.5 for fixed (RepVideo's init)")
+
+
+@dataclass
 class ModelConfig:
     """Shape of :class:`vchitect.models.VchitectTransformer3DModel`; field names are its init args."""
 
@@ -77,6 +92,22 @@ class ModelConfig:
                                                  "a pixel-space model)")
     condition_hidden_channels: int = setting(64, min=1, help="condition adapter: width of its first conv; each "
                                              "stride-2 stage doubles it, up to 4×")
+    repvideo: RepVideoConfig = setting(default_factory=RepVideoConfig, help="RepVideo aggregated cross-layer "
+                                       "representations (docs/model.md); off by default")
+
+    def validate(self) -> None:
+        r = self.repvideo
+        if not r.window:
+            return
+        if r.window < 2 or r.window > self.num_layers:
+            raise ConfigError(f"model.repvideo.window={r.window} must be 2 … model.num_layers={self.num_layers} (or 0 "
+                              f"to turn RepVideo off); 6 suits 24 layers, 4 the demo's 4")
+        if self.num_layers < 3:
+            raise ConfigError(f"model.repvideo on model.num_layers={self.num_layers} mixes no block (the first that "
+                              f"mixes is block 2); use 3 or more layers, or model.repvideo.window=0")
+        if r.gate == "fixed" and r.gate_init == 0.0:
+            raise ConfigError("model.repvideo.gate=fixed with gate_init=0 is the model without RepVideo; set "
+                              "model.repvideo.gate_init (e.g. 0.5, RepVideo's value) or window=0")
 
 
 @dataclass

@@ -48,6 +48,12 @@ ADAM_EPS = 1e-6
 ADAPTER = dict(condition_channels=4, condition_vae_spatial_factor=2, condition_vae_temporal_factor=2,
                condition_hidden_channels=4)
 
+# RepVideo layer aggregation on 4 layers, one window of 4: blocks 2 and 3 mix (means of 2 and 3 outputs, the
+# last, context-pre-only block included); on 3 layers (cheaper, for the 4-rank group) block 2, the last, mixes.
+# build_model gives the learned gates values away from their zero init.
+REPVIDEO = dict(num_layers=4, repvideo=dict(window=4, gate="learned"))
+REPVIDEO_3 = dict(num_layers=3, repvideo=dict(window=3, gate="learned"))
+
 # name: (world size, layout, options)
 CASES = {
     # 2 ranks
@@ -66,6 +72,8 @@ CASES = {
     "sp2_nondivisible_adapter": (2, dict(dp_shard=1, sp=2), dict(height=10, width=14, model=ADAPTER)),
     "tp2_adapter": (2, dict(dp_shard=1, tp=2), dict(model=ADAPTER)),
     "dp_shard2_adapter": (2, dict(dp_shard=2), dict(model=ADAPTER)),
+    "sp2_nondivisible_ac_offload_repvideo": (2, dict(dp_shard=1, sp=2), dict(height=10, width=14, ac="full",
+                                                                            offload=True, model=REPVIDEO)),
     # 4 ranks
     "sp4": (4, dict(dp_shard=1, sp=4), {}),
     "sp4_nondivisible": (4, dict(dp_shard=1, sp=4), dict(height=10, width=14)),  # 35 → 36
@@ -79,6 +87,7 @@ CASES = {
     "tp2_sp2_qk_norm_nondivisible": (4, dict(dp_shard=1, tp=2, sp=2),
                                      dict(height=10, width=14, model=dict(qk_norm="rms_norm"))),
     "tp2_sp2_adapter": (4, dict(dp_shard=1, tp=2, sp=2), dict(model=ADAPTER)),
+    "tp2_sp2_ac_repvideo": (4, dict(dp_shard=1, tp=2, sp=2), dict(ac="full", model=REPVIDEO_3)),
 }
 
 
@@ -141,6 +150,8 @@ def build_model(**overrides) -> VchitectTransformer3DModel:
             if any(k in name for k in ("to_out_temporal", "to_out_context", "to_add_out_temporal",
                                        "condition_adapter.conv_out")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            elif name == "layer_aggregation.gate":  # last: the draws above are those of the model without it
+                p.copy_(0.25 + 0.5 * torch.rand(p.shape, generator=g))
     return model
 
 
@@ -250,6 +261,8 @@ def run_case(name: str, layout: dict, opts: dict, world: int) -> dict:
         none_mismatch=none_mismatch, checked_grads=len(grad_errs), grad_norm_err=norm_err,
         adapter_grads=sum(n.startswith("condition_adapter.") and ref_grads[n].abs().sum().item() > 0
                           for n in grad_errs),
+        repvideo_gate_grads=(int((ref_grads["layer_aggregation.gate"] != 0).sum().item())
+                             if "layer_aggregation.gate" in grad_errs else 0),
         seconds=round(time.time() - t0, 2),
     )
 

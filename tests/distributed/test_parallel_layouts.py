@@ -9,7 +9,9 @@ check that noise, dropout seeds and batch rows are shared inside SP/TP groups an
 data-parallel groups, and, per layout, that meta-device init + sharded loading gives local shards
 bitwise equal to the full-build path's (random init, a released-format checkpoint, SD3 init).
 The ``*_adapter`` layouts run the model with a live condition adapter and a random pixel-space
-condition (its tokens must be added to each rank's own tokens under SP).
+condition (its tokens must be added to each rank's own tokens under SP). The ``*_repvideo`` layouts run
+a 4- (3-) layer model with RepVideo layer aggregation (learned gates set away from zero): the window sums
+cross the (checkpointed, offloaded) blocks as explicit values and stay per token under SP.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def test_layout_matches_single_process(name, layout_results):
     assert rec["checked_grads"] > 50, f"{name}: only {rec['checked_grads']} gradients compared"
     if opts.get("model", {}).get("condition_channels"):  # a live condition adapter and a condition
         assert rec["adapter_grads"] >= 8, f"{name}: {rec['adapter_grads']} non-zero condition-adapter gradients"
+    if opts.get("model", {}).get("repvideo"):  # the gates of the mixing blocks (2 … num_layers − 1) have a gradient
+        mixing = opts["model"]["num_layers"] - 2
+        assert rec["repvideo_gate_grads"] == mixing, f"{name}: {rec['repvideo_gate_grads']} non-zero RepVideo gate " \
+                                                     f"gradients, expected {mixing}"
     assert rec["grad_err"] <= TOL, f"{name}: gradient of {rec['worst_grad']} off by {rec['grad_err']:.2e} (relative)"
     assert rec["grad_norm_err"] <= TOL, f"{name}: total gradient norm off by {rec['grad_norm_err']:.2e}"
     assert rec["param_err"] <= TOL, (f"{name}: after 3 AdamW steps {rec['worst_param']} off by "

@@ -1,9 +1,9 @@
 """An export loads and samples where vchitect is not installed: ``DiffusionPipeline.from_pretrained(folder,
 trust_remote_code=True)`` in a fresh environment with torch, diffusers and transformers only (tests/envs.py)
 runs the code the folder carries, with CFG (also the released and smooth guidance schedules), FasterCache
-and FreeInit, and Many-for-Many task inputs (i2v, vinp; an export with the condition adapter), and gives the
-same output, bit for bit, as the installed vchitect does with the same folder (same code, same weights, one
-thread each); without the flag diffusers refuses the folder there."""
+and FreeInit, and Many-for-Many task inputs (i2v, vinp; an export with the condition adapter and RepVideo
+layer aggregation), and gives the same output, bit for bit, as the installed vchitect does with the same
+folder (same code, same weights, one thread each); without the flag diffusers refuses the folder there."""
 
 from __future__ import annotations
 
@@ -141,7 +141,9 @@ TASK_SAMPLE = textwrap.dedent("""
     save_file(out, sys.argv[2])
     own = sorted(m for m in sys.modules if m.split(".")[0] in ("vchitect", "_vchitect_diffusers_hook"))
     print(json.dumps({"pipeline": type(pipe).__module__, "vchitect_modules": own,
-                      "condition_channels": pipe.transformer.config.condition_channels}))
+                      "condition_channels": pipe.transformer.config.condition_channels,
+                      "repvideo": dict(pipe.transformer.config.repvideo),
+                      "gates": pipe.transformer.layer_aggregation.gate.tolist()}))
 """)
 TASK_COMMON = dict(height=8, width=8, num_inference_steps=3, guidance_scale=3.0)
 # name → pipe() arguments; "inputs" maps an argument to a tensor of TASK_INPUTS
@@ -162,15 +164,19 @@ def task_inputs() -> dict:
 
 
 def test_a_task_export_samples_where_vchitect_is_not_installed(env_without_vchitect, tmp_path):
-    """i2v and vinp (pasted and raw) through the folder's own code equal the installed vchitect's, bit for bit."""
+    """i2v and vinp (pasted and raw) through the folder's own code equal the installed vchitect's, bit for bit;
+    the model also has RepVideo layer aggregation on (3 layers, learned gates away from zero), so the shipped
+    transformer code runs that path too."""
     from diffusers import DiffusionPipeline
 
     enc = make_encoders(tmp_path / "enc")
     adapter = dict(in_channels=3, condition_channels=4, condition_vae_spatial_factor=1,
-                   condition_vae_temporal_factor=1, condition_hidden_channels=4)
+                   condition_vae_temporal_factor=1, condition_hidden_channels=4, num_layers=3,
+                   repvideo=dict(window=3, gate="learned"))
     model = build_model(0, **adapter)
     with torch.no_grad():
         torch.nn.init.normal_(model.condition_adapter.conv_out.weight, std=0.05)
+        model.layer_aggregation.gate.fill_(0.6)
     write_checkpoint(tmp_path / "run", 1, model, run_config(adapter, encoders={"text_encoder_path":
                                                                                   str(enc["text_encoder"])}))
     folder = export(tmp_path / "run", tmp_path / "export")
@@ -184,6 +190,8 @@ def test_a_task_export_samples_where_vchitect_is_not_installed(env_without_vchit
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["vchitect_modules"] == [] and info["pipeline"].endswith(".vchitect_export_pipeline"), info
     assert info["condition_channels"] == 4
+    assert info["repvideo"]["window"] == 3 and info["gates"][2] == pytest.approx(0.6)
+    assert (folder / "transformer" / "vchitect_models_repvideo.py").is_file()
     got = load_file(result)
 
     threads = torch.get_num_threads()

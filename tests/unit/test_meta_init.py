@@ -60,7 +60,8 @@ def test_shard_box_strided_shard_applies_the_later_mesh_dim_first():
 
 @pytest.mark.parametrize("extra", [{}, dict(qk_norm="rms_norm"), dict(mlp_ratio=2.7, patch_size=1, in_channels=3),
                                    dict(condition_channels=5, condition_vae_spatial_factor=3,  # adapter, odd factor
-                                        condition_vae_temporal_factor=2, condition_hidden_channels=4)])
+                                        condition_vae_temporal_factor=2, condition_hidden_channels=4),
+                                   dict(num_layers=3, repvideo=dict(window=3, gate_init=0.25))])  # RepVideo gates
 def test_meta_build_replays_the_constructor_bitwise(extra):
     kw = {**TINY, **extra}
     torch.manual_seed(3)

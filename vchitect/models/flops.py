@@ -4,7 +4,9 @@ These are the *model FLOPs* used for MFU everywhere in the project (trainer metr
 matrix-multiply FLOPs at 2 per multiply-add, attention included, elementwise work (norms,
 activations, softmax) excluded — the usual convention of MFU reports. They follow the network
 as implemented: the temporal branch is skipped at F = 1, the context-pre-only last block has no
-text queries, and adaLN modulation is computed per video, not per frame.
+text queries, and adaLN modulation is computed per video, not per frame. RepVideo layer
+aggregation (``model.repvideo``) adds only elementwise work (window sums and the gated mix, a few
+passes over the tokens of the mixing blocks), so it adds nothing here.
 
 A training step is forward + backward. Backward costs two forward matmuls (input and weight
 gradients) except for layers fed directly by data that needs no gradient — the patch embedding,

@@ -34,6 +34,7 @@ from torch import nn
 from .attention import VchitectAttention, check_backend
 from .condition_adapter import ConditionAdapter
 from .embeddings import PatchEmbed, frame_sincos_table, rope_cos_sin
+from .repvideo import LayerAggregation, WindowSum, resolve_repvideo
 
 
 class AdaLNZero(nn.Module):
@@ -117,9 +118,11 @@ class VchitectTransformer3DModel(ModelMixin, ConfigMixin):
                  rope_theta: float = 1.0e6, rope_scaling_factor: float = 1.0, qk_norm: str = "none",
                  attention_backend: str = "sdpa", frame_pos_embed: str = "none", prediction: str = "velocity",
                  prediction_t_min: float = 0.05, condition_channels: int = 0, condition_vae_spatial_factor: int = 8,
-                 condition_vae_temporal_factor: int = 4, condition_hidden_channels: int = 64):
+                 condition_vae_temporal_factor: int = 4, condition_hidden_channels: int = 64,
+                 repvideo: Optional[dict] = None):
         super().__init__()
         check_backend(attention_backend)
+        repvideo_settings = resolve_repvideo(repvideo, num_layers)
         if frame_pos_embed not in ("none", "sincos"):
             raise ValueError(f"frame_pos_embed={frame_pos_embed!r}: choose 'none' or 'sincos'")
         if prediction not in ("velocity", "sample"):
@@ -151,6 +154,11 @@ class VchitectTransformer3DModel(ModelMixin, ConfigMixin):
             self.condition_adapter = ConditionAdapter(condition_channels, dim, patch_size,
                                                       condition_vae_spatial_factor, condition_vae_temporal_factor,
                                                       condition_hidden_channels)
+        # RepVideo layer aggregation (repvideo.py): after everything else, for the same reason; with
+        # the default learned gate of 0 the model is the one without it at init.
+        self.layer_aggregation = None
+        if repvideo_settings is not None:
+            self.layer_aggregation = LayerAggregation(num_layers, repvideo_settings)
         self.gradient_checkpointing = False
 
     def unused_parameter_names(self) -> list[str]:
@@ -201,11 +209,17 @@ class VchitectTransformer3DModel(ModelMixin, ConfigMixin):
         rope = rope_cos_sin(Fr, self.config.attention_head_dim, self.config.rope_theta,
                             self.config.rope_scaling_factor, device=x.device)
 
-        for block in self.transformer_blocks:
+        aggregation = self.layer_aggregation
+        window: Optional[WindowSum] = None  # RepVideo: the running sum of the window's block outputs
+        for i, block in enumerate(self.transformer_blocks):
+            if aggregation is not None:
+                x, ctx = aggregation.mix(i, x, ctx, window)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, ctx = self._gradient_checkpointing_func(block, x, ctx, temb, Fr, rope, text_mask)
             else:
                 x, ctx = block(x, ctx, temb, Fr, rope, text_mask)
+            if aggregation is not None:
+                window = aggregation.accumulate(i, x, ctx, window)
 
         x = self.norm_out(x, temb.repeat_interleave(Fr, dim=0))
         x = self.proj_out(x)  # N×S×(p·p·C)

@@ -9,8 +9,8 @@ diffusers model folder with ``config.json`` next to the weights, or a pipeline f
 so the mapping is the identity, and loading is strict: every released key must land on a
 parameter of the same shape and every parameter must be covered. The only tolerated difference
 is the ``pos_embed.pos_embed`` buffer, which is recomputed when a checkpoint omits it, and the
-add-ons that no released checkpoint has (``ADD_ON_PREFIXES``: the condition adapter), which keep
-their zero-output init when the model has them on and the checkpoint does not carry them.
+add-ons that no released checkpoint has (``ADD_ON_PREFIXES``: the condition adapter, RepVideo's learned
+gates), which keep their identity init when the model has them on and the checkpoint does not carry them.
 See docs/weights.md for the table of what each key is.
 
 **SD3 initialisation** (the Vchitect-2.0 recipe: start from an image MMDiT). SD3 keys are a
@@ -34,8 +34,8 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 OPTIONAL_BUFFERS = {"pos_embed.pos_embed"}
 # Add-on modules that no released checkpoint has (key prefixes). A model with one of them on loads
-# a released checkpoint and keeps the add-on at its constructor init (identity: zero output).
-ADD_ON_PREFIXES = ("condition_adapter.",)
+# a released checkpoint and keeps the add-on at its constructor init (identity: zero output, zero gates).
+ADD_ON_PREFIXES = ("condition_adapter.", "layer_aggregation.")
 # Parameters that exist only in our video block, relative to an SD3 block (name fragments).
 VIDEO_ONLY = ("to_q_temp", "to_k_temp", "to_v_temp", "to_q_cross", "to_out_temporal", "to_out_context",
               "to_add_out_temporal", "norm_q_temp", "norm_k_temp", "norm_q_cross")
