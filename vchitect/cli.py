@@ -13,6 +13,8 @@
     vchitect demo [--out demo_out] [--quick]      the whole pipeline on CPU (docs/demo.md); --smoke: one step;
                                                    --tasks [--base DEMO_OUT]: the multi-task learning proof
     vchitect eval VIDEOS_DIR                      VBench-style metrics and the prompt-following probe
+    vchitect eval layers EXPORT_DIR … --prompt … --out DIR
+                                                  RepVideo's per-layer diagnostic (attention maps, frames)
     vchitect --version
 
 Start-up stays light: this module imports only the standard library, and each command imports what
@@ -221,6 +223,32 @@ def cmd_eval(args) -> int:
                     json_out=args.json)
 
 
+def cmd_eval_layers(args) -> int:
+    if args.frames < 2:
+        return user_error("eval error", f"--frames {args.frames}: the adjacent-frame similarity needs 2 frames or more")
+    if args.labels and len(args.labels) != len(args.exports):
+        return user_error("eval error", f"--labels gives {len(args.labels)} names for {len(args.exports)} export "
+                          f"folders; give one per folder")
+    missing = [d for d in args.exports if not (Path(d) / "model_index.json").is_file()]
+    if missing:
+        return user_error("eval error", f"{missing[0]} is not an export folder (no model_index.json); make one with "
+                          f"`vchitect export CKPT OUT`")
+    from .eval.layers import run_layers
+
+    try:
+        res = run_layers(args.exports, args.prompt, args.out, labels=args.labels, frames=args.frames,
+                         height=args.height, width=args.width, steps=args.steps, seed=args.seed,
+                         guidance=args.guidance_scale)
+    except ValueError as exc:  # shapes, a missing text encoder: the message says what to do
+        return user_error("eval error", str(exc))
+    for m in res["models"]:
+        attn = " ".join(f"{v:.3f}" for v in m["attention_similarity"])
+        frames = " ".join(f"{v:.3f}" for v in m["frame_similarity"])
+        print(f"{m['label']}: attention maps, block l vs l−1 (l = 1…): {attn}; adjacent frames per block: {frames}")
+    print(f"wrote {Path(args.out) / 'layers.json'} and {Path(args.out) / 'layers.png'}")
+    return 0
+
+
 def cmd_export(args) -> int:
     """Arguments checked here, in a second, before vchitect.export.cli imports torch and diffusers."""
     if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", args.max_shard_size, re.IGNORECASE):
@@ -407,10 +435,45 @@ def add_sample_parser(subparsers) -> None:
     p.set_defaults(func=cmd_sample)
 
 
+class RoutingParser(argparse.ArgumentParser):
+    """A parser whose first argument may name a sub-command (``routes``) that takes over, while any other first
+    argument is its own positional: ``vchitect eval VIDEOS_DIR`` and ``vchitect eval layers EXPORT_DIR …``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.routes: dict[str, argparse.ArgumentParser] = {}
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args and args[0] in self.routes:
+            return self.routes[args[0]].parse_known_args(args[1:], namespace)
+        return super().parse_known_args(args, namespace)
+
+
+def add_eval_layers_parser() -> argparse.ArgumentParser:
+    p = RoutingParser(prog="vchitect eval layers", description="RepVideo's layer diagnostic: while sampling a prompt, "
+                      "the cosine similarity of each block's spatial attention maps with the previous block's, and of "
+                      "each block's output between adjacent frames; OUT/layers.json and OUT/layers.png, one curve per "
+                      "export (docs/model.md, RepVideo)")
+    p.add_argument("exports", nargs="+", metavar="EXPORT_DIR", help="export folder(s) (`vchitect export`); several "
+                   "are overlaid, e.g. a model trained without and one with model.repvideo")
+    p.add_argument("--prompt", required=True, help="the prompt sampled")
+    p.add_argument("--out", required=True, metavar="DIR", help="where layers.json and layers.png go")
+    p.add_argument("--labels", nargs="+", default=None, help="one name per export folder (default: the folder names)")
+    p.add_argument("--frames", type=int, default=16, help="video frames (default 16; the demo trains on 8)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's sample size)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's sample size)")
+    p.add_argument("--steps", type=int, default=4, help="Euler steps recorded and averaged over (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (default 1: only the "
+                   "conditional pass runs, so only it is measured)")
+    p.set_defaults(func=cmd_eval_layers)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vchitect", description="Pretrain video diffusion transformers.")
     parser.add_argument("--version", action=VersionAction)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=RoutingParser)
 
     p_config = sub.add_parser("config", help="inspect configs")
     config_sub = p_config.add_subparsers(dest="config_command", required=True)
@@ -492,7 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.set_defaults(func=cmd_demo)
 
     p_eval = sub.add_parser("eval", help="VBench-style metrics (and the prompt-following probe when prompts are "
-                            "known) of the videos in a folder")
+                            "known) of the videos in a folder; `eval layers`: RepVideo's per-layer diagnostic",
+                            usage="vchitect eval [-h] [options] VIDEOS_DIR\n"
+                            "       vchitect eval layers [-h] EXPORT_DIR [EXPORT_DIR ...] --prompt PROMPT --out DIR",
+                            epilog="vchitect eval layers --help: the per-layer diagnostic of export folders")
+    p_eval.routes["layers"] = add_eval_layers_parser()
     p_eval.add_argument("videos_dir", help="folder of .gif / .mp4 videos; prompts from prompts.json "
                         "({file stem: prompt}) or a .txt beside each video")
     p_eval.add_argument("--subject-features", default=None, help="pixels (default), dino:PATH or clip:PATH")

@@ -183,3 +183,74 @@ def test_the_demo_override_reaches_training_and_the_model(tmp_path):
     cfg = load_config(CONFIGS / "train/demo-shards.yaml", ov)
     model = VchitectTransformer3DModel(**__import__("dataclasses").asdict(cfg.model))
     assert model.layer_aggregation is not None and model.layer_aggregation.mixing_blocks(4) == [2, 3]
+
+
+# ------------------------------------------------------------------ vchitect eval layers
+def test_spatial_attention_probs_are_the_branchs_attention():
+    from vchitect.eval.layers import spatial_attention_probs
+    from vchitect.models.attention import dot_product_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 7, 2, 4, generator=g) for _ in range(3))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, -2:] = False
+    per_head = [spatial_attention_probs(q[:, :, h:h + 1], k[:, :, h:h + 1], mask) for h in range(2)]
+    want = dot_product_attention(q, k, v, mask)  # N×Q×H×d
+    for h in range(2):
+        torch.testing.assert_close(per_head[h] @ v[:, :, h], want[:, :, h], rtol=1e-5, atol=1e-6)
+    both = spatial_attention_probs(q, k, mask, rows=4)
+    assert both.shape == (3, 4, 7) and not both[1, :, -2:].any()
+    torch.testing.assert_close(both, (per_head[0] + per_head[1])[:, :4] / 2)
+
+
+def test_recorder_measures_frames_and_layers_and_leaves_the_model_alone():
+    from vchitect.eval.layers import LayerRecorder
+
+    model = tiny_model(num_layers=3)  # fresh: temporal and cross outputs zero, no frame table → frames independent
+    x = inputs(B=1, F=3)
+    x["hidden_states"] = x["hidden_states"][:, :, :1].expand(-1, -1, 3, -1, -1).contiguous()  # identical frames
+    with torch.no_grad():
+        want = model(**x).sample
+        with LayerRecorder(model) as rec:
+            got = model(**x).sample
+            model(**x)
+    assert torch.equal(got, want) and all(b.attn.attention_fn is None for b in model.transformer_blocks)
+    r = rec.record.means()
+    assert r["calls"] == 2 and len(r["attention_similarity"]) == 2 and len(r["frame_similarity"]) == 3
+    assert all(abs(s - 1) < 1e-5 for s in r["frame_similarity"])  # identical frames stay identical
+    assert all(0 < s < 1 - 1e-4 for s in r["attention_similarity"])  # different blocks, different maps
+
+
+def test_eval_layers_overlays_two_exports(tmp_path):
+    from tests.helpers_ckpt import build_model, make_encoders, run_config, write_checkpoint
+    from vchitect.cli import main
+    from vchitect.export import export
+
+    enc = make_encoders(tmp_path / "enc")
+    encoders = {"text_encoder_path": str(enc["text_encoder"])}
+    folders = []
+    for name, extra in (("plain", dict(num_layers=3)), ("repvideo", dict(num_layers=3, repvideo=dict(window=3)))):
+        model = build_model(0, **extra)
+        if name == "repvideo":
+            with torch.no_grad():
+                model.layer_aggregation.gate.fill_(0.8)
+        write_checkpoint(tmp_path / name, 1, model, run_config(extra, encoders=encoders), with_ema=False)
+        folders.append(str(export(tmp_path / name, tmp_path / f"{name}_export", log=lambda *a, **k: None)))
+    assert (tmp_path / "repvideo_export" / "transformer" / "vchitect_models_repvideo.py").is_file()
+    out = tmp_path / "layers"
+    rc = main(["eval", "layers", *folders, "--prompt", "a red car", "--out", str(out), "--frames", "3",
+               "--height", "8", "--width", "8", "--steps", "1", "--labels", "without", "with"])
+    assert rc == 0 and (out / "layers.png").stat().st_size > 1000
+    res = json.loads((out / "layers.json").read_text())
+    without, with_ = res["models"]
+    assert (without["label"], with_["label"], without["repvideo"], with_["repvideo"]["window"]) == \
+        ("without", "with", None, 3)
+    for m in res["models"]:
+        assert m["calls"] == 1 and len(m["attention_similarity"]) == 2 and len(m["frame_similarity"]) == 3
+        assert all(-1 <= v <= 1 for v in m["attention_similarity"] + m["frame_similarity"])
+    # the same weights and noise but the mix into block 2: blocks 0 and 1 alike, block 2 not
+    assert without["frame_similarity"][:2] == pytest.approx(with_["frame_similarity"][:2], abs=1e-6)
+    assert without["frame_similarity"][2] != pytest.approx(with_["frame_similarity"][2], abs=1e-6)
+    assert without["attention_similarity"][0] == pytest.approx(with_["attention_similarity"][0], abs=1e-6)
+    assert without["attention_similarity"][1] != pytest.approx(with_["attention_similarity"][1], abs=1e-6)
+    assert main(["eval", "layers", str(tmp_path), "--prompt", "x", "--out", str(out)]) == 2  # not an export
